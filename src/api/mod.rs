@@ -1,0 +1,151 @@
+//! The HTTP surface: routes, their extractors' error handling, and the middleware around them.
+
+mod conversations;
+mod core;
+pub mod errors;
+mod health;
+pub mod middleware;
+pub mod request_id;
+
+use std::time::Instant;
+
+use actix_cors::Cors;
+use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
+use actix_web::http::{Method, header};
+use actix_web::{HttpRequest, web};
+
+use crate::config::Mode;
+use crate::service::ConversationService;
+use errors::ApiError;
+
+/// What the handlers share.
+pub struct AppState {
+    pub service: ConversationService,
+    pub mode: Mode,
+    /// The tenant every request belongs to in local mode.
+    pub tenant: String,
+    pub max_message_bytes: usize,
+    pub started: Instant,
+}
+
+/// Routes and extractor settings.
+pub fn configure(cfg: &mut web::ServiceConfig, max_message_bytes: usize) {
+    // Room for the JSON around the message and for escapes inside it; past this, 413.
+    let body_limit = max_message_bytes.saturating_mul(2) + 16 * 1024;
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(body_limit)
+            .error_handler(json_error),
+    )
+    .app_data(web::QueryConfig::default().error_handler(query_error))
+    .app_data(web::PathConfig::default().error_handler(path_error))
+    .service(
+        web::resource("/health")
+            .route(web::get().to(health::health))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/maestra/core")
+            .route(web::post().to(core::core))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/maestra/conversations")
+            .route(web::get().to(conversations::list))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/maestra/conversations/{conversation_id}")
+            .route(web::get().to(conversations::get))
+            .route(web::delete().to(conversations::delete))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .default_service(web::to(not_found));
+}
+
+/// Browsers may call only from extension pages (and the configured extra origins): a web page
+/// must not read someone's conversations off their loopback server.
+pub fn cors(extra_origins: &[String]) -> Cors {
+    let extra: Vec<String> = extra_origins.to_vec();
+    Cors::default()
+        .allowed_origin_fn(move |origin, _| {
+            let Ok(origin) = origin.to_str() else {
+                return false;
+            };
+            [
+                "chrome-extension://",
+                "moz-extension://",
+                "safari-web-extension://",
+            ]
+            .iter()
+            .any(|scheme| origin.starts_with(scheme))
+                || extra.iter().any(|allowed| allowed == origin)
+        })
+        .allowed_methods([Method::GET, Method::POST, Method::DELETE])
+        .allowed_headers([
+            header::CONTENT_TYPE,
+            header::ACCEPT,
+            header::AUTHORIZATION,
+            header::HeaderName::from_static("x-api-key"),
+            header::HeaderName::from_static("x-request-id"),
+            header::HeaderName::from_static("idempotency-key"),
+            header::HeaderName::from_static("traceparent"),
+        ])
+        .expose_headers([header::HeaderName::from_static("x-request-id")])
+        .max_age(3600)
+}
+
+async fn not_found(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.path()
+    )))
+}
+
+async fn method_not_allowed(req: HttpRequest) -> actix_web::HttpResponse {
+    errors::envelope(
+        actix_web::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("{} is not allowed on {}", req.method(), req.path()),
+    )
+}
+
+fn json_error(error: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
+    let api_error = match &error {
+        JsonPayloadError::ContentType => ApiError::UnsupportedMediaType(
+            "the body must be JSON, sent with Content-Type: application/json".to_owned(),
+        ),
+        JsonPayloadError::Overflow { limit }
+        | JsonPayloadError::OverflowKnownLength { limit, .. } => {
+            ApiError::PayloadTooLarge(format!("the body is larger than {limit} bytes"))
+        }
+        JsonPayloadError::Deserialize(e) => {
+            ApiError::InvalidRequest(format!("invalid JSON body: {e}"))
+        }
+        other => ApiError::InvalidRequest(format!("cannot read the body: {other}")),
+    };
+    api_error.into()
+}
+
+fn query_error(error: QueryPayloadError, _: &HttpRequest) -> actix_web::Error {
+    ApiError::InvalidRequest(format!("invalid query string: {error}")).into()
+}
+
+fn path_error(error: PathError, _: &HttpRequest) -> actix_web::Error {
+    ApiError::InvalidRequest(format!("invalid path: {error}")).into()
+}
+
+/// Reads an optional query number, naming the parameter when it is not one.
+fn parse_number<T: std::str::FromStr>(
+    name: &'static str,
+    value: Option<&str>,
+    default: T,
+) -> Result<T, ApiError> {
+    match value {
+        None | Some("") => Ok(default),
+        Some(text) => text.parse().map_err(|_| {
+            ApiError::InvalidRequest(format!("{name}: {text:?} is not a valid number"))
+        }),
+    }
+}

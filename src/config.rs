@@ -1,0 +1,379 @@
+//! Settings: `config/default.toml`, then `config/<mode>.toml` (both compiled in), then the same
+//! files from `$MAESTRA_CONFIG_DIR` if set, then `MAESTRA_*` environment variables.
+//!
+//! Every value is read as text and parsed here, so a bad one stops start-up with one line that
+//! names the variable to fix. Loading reads and never writes.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+
+use config::{Config, Environment, File, FileFormat};
+use serde::Deserialize;
+
+const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+const LOCAL_TOML: &str = include_str!("../config/local.toml");
+
+/// A setting that cannot be used, named by the environment variable that sets it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{variable}: {problem}")]
+pub struct ConfigError {
+    pub variable: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(variable: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            variable: variable.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Local,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Local => "local",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortChoice {
+    /// `MAESTRA_PORT`; 0 lets the system pick a free port.
+    Fixed(u16),
+    /// The first port of the range that is free.
+    FirstFree(RangeInclusive<u16>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub mode: Mode,
+    pub host: IpAddr,
+    pub port: PortChoice,
+    pub data_dir: PathBuf,
+    pub max_message_bytes: usize,
+    pub history_messages: usize,
+    pub cors_origins: Vec<String>,
+    pub log: LogSettings,
+}
+
+/// The layered values before parsing: text, exactly as written in a file or variable.
+#[derive(Debug, Default, Deserialize)]
+struct Raw {
+    mode: Option<String>,
+    host: Option<String>,
+    port: Option<String>,
+    port_range: Option<String>,
+    data_dir: Option<String>,
+    max_message_bytes: Option<String>,
+    history_messages: Option<String>,
+    cors_origins: Option<String>,
+    log_format: Option<String>,
+    log_level: Option<String>,
+}
+
+impl Settings {
+    /// Settings from the files and this process's environment.
+    pub fn load() -> Result<Self, ConfigError> {
+        Self::load_from(std::env::vars().collect())
+    }
+
+    /// Settings from the files and the given variables (tests pass their own).
+    pub fn load_from(vars: HashMap<String, String>) -> Result<Self, ConfigError> {
+        let config_dir = vars
+            .get("MAESTRA_CONFIG_DIR")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+        if let Some(dir) = &config_dir {
+            if !dir.is_dir() {
+                return Err(ConfigError::new(
+                    "MAESTRA_CONFIG_DIR",
+                    format!("{} is not a folder", dir.display()),
+                ));
+            }
+        }
+
+        // The mode picks the second layer, so it is read first from the first layer and env.
+        let first = layered(&[("default", DEFAULT_TOML)], config_dir.as_deref(), &vars)?;
+        let mode = parse_mode(first.mode.as_deref())?;
+        let mode_layer = match mode {
+            Mode::Local => ("local", LOCAL_TOML),
+        };
+        let raw = layered(
+            &[("default", DEFAULT_TOML), mode_layer],
+            config_dir.as_deref(),
+            &vars,
+        )?;
+        Self::parse(mode, raw, vars.get("HOME").map(String::as_str))
+    }
+
+    fn parse(mode: Mode, raw: Raw, home: Option<&str>) -> Result<Self, ConfigError> {
+        let port = match non_empty(raw.port) {
+            Some(port) => PortChoice::Fixed(parse_port("MAESTRA_PORT", &port)?),
+            None => PortChoice::FirstFree(parse_port_range(
+                "MAESTRA_PORT_RANGE",
+                &required("MAESTRA_PORT_RANGE", raw.port_range)?,
+            )?),
+        };
+        Ok(Self {
+            mode,
+            host: parse_host(&required("MAESTRA_HOST", raw.host)?)?,
+            port,
+            data_dir: parse_data_dir(non_empty(raw.data_dir), home)?,
+            max_message_bytes: parse_positive(
+                "MAESTRA_MAX_MESSAGE_BYTES",
+                &required("MAESTRA_MAX_MESSAGE_BYTES", raw.max_message_bytes)?,
+            )?,
+            history_messages: parse_positive(
+                "MAESTRA_HISTORY_MESSAGES",
+                &required("MAESTRA_HISTORY_MESSAGES", raw.history_messages)?,
+            )?,
+            cors_origins: parse_origins(raw.cors_origins.as_deref().unwrap_or(""))?,
+            log: LogSettings {
+                format: parse_log_format(raw.log_format.as_deref().unwrap_or("json"))?,
+                level: raw.log_level.unwrap_or_else(|| "info".to_owned()),
+            },
+        })
+    }
+}
+
+fn layered(
+    layers: &[(&str, &str)],
+    config_dir: Option<&Path>,
+    vars: &HashMap<String, String>,
+) -> Result<Raw, ConfigError> {
+    let mut builder = Config::builder();
+    for (_, text) in layers {
+        builder = builder.add_source(File::from_str(text, FileFormat::Toml));
+    }
+    if let Some(dir) = config_dir {
+        for (name, _) in layers {
+            builder =
+                builder.add_source(File::from(dir.join(format!("{name}.toml"))).required(false));
+        }
+    }
+    let environment = Environment::with_prefix("MAESTRA")
+        .prefix_separator("_")
+        .ignore_empty(true)
+        .source(Some(vars.clone().into_iter().collect()));
+    builder
+        .add_source(environment)
+        .build()
+        .and_then(Config::try_deserialize)
+        .map_err(|e| ConfigError::new("MAESTRA_CONFIG_DIR", format!("cannot read settings: {e}")))
+}
+
+fn non_empty(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.trim().is_empty())
+}
+
+fn required(variable: &str, value: Option<String>) -> Result<String, ConfigError> {
+    non_empty(value).ok_or_else(|| ConfigError::new(variable, "must be set"))
+}
+
+fn parse_mode(value: Option<&str>) -> Result<Mode, ConfigError> {
+    match value.map(str::trim).unwrap_or("local") {
+        "local" => Ok(Mode::Local),
+        other => Err(ConfigError::new(
+            "MAESTRA_MODE",
+            format!("unknown mode {other:?} (expected \"local\")"),
+        )),
+    }
+}
+
+fn parse_port(variable: &str, value: &str) -> Result<u16, ConfigError> {
+    value.trim().parse::<u16>().map_err(|_| {
+        ConfigError::new(
+            variable,
+            format!("{value:?} is not a port number (0-65535; 0 picks a free port)"),
+        )
+    })
+}
+
+fn parse_port_range(variable: &str, value: &str) -> Result<RangeInclusive<u16>, ConfigError> {
+    let invalid = || ConfigError::new(variable, format!("{value:?} is not a range like 8825-8829"));
+    let (start, end) = value.split_once('-').ok_or_else(invalid)?;
+    let start = start.trim().parse::<u16>().map_err(|_| invalid())?;
+    let end = end.trim().parse::<u16>().map_err(|_| invalid())?;
+    if start == 0 || start > end {
+        return Err(invalid());
+    }
+    Ok(start..=end)
+}
+
+fn parse_host(value: &str) -> Result<IpAddr, ConfigError> {
+    let value = value.trim();
+    if value.eq_ignore_ascii_case("localhost") {
+        return Ok(IpAddr::from([127, 0, 0, 1]));
+    }
+    value.parse().map_err(|_| {
+        ConfigError::new(
+            "MAESTRA_HOST",
+            format!("{value:?} is not an IP address to bind (e.g. 127.0.0.1)"),
+        )
+    })
+}
+
+fn parse_data_dir(value: Option<String>, home: Option<&str>) -> Result<PathBuf, ConfigError> {
+    let home = home.filter(|h| !h.is_empty()).map(PathBuf::from);
+    let no_home = || ConfigError::new("MAESTRA_DATA_DIR", "not set, and $HOME is not set either");
+    match value {
+        None => Ok(home.ok_or_else(no_home)?.join(".8825")),
+        Some(dir) if dir == "~" => home.ok_or_else(no_home),
+        Some(dir) => match dir.strip_prefix("~/") {
+            Some(rest) => Ok(home.ok_or_else(no_home)?.join(rest)),
+            None => Ok(PathBuf::from(dir)),
+        },
+    }
+}
+
+fn parse_positive(variable: &str, value: &str) -> Result<usize, ConfigError> {
+    match value.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(ConfigError::new(
+            variable,
+            format!("{value:?} is not a positive whole number"),
+        )),
+    }
+}
+
+fn parse_origins(value: &str) -> Result<Vec<String>, ConfigError> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(|origin| {
+            let valid = origin.split_once("://").is_some_and(|(scheme, rest)| {
+                !scheme.is_empty() && !rest.is_empty() && !rest.contains('/')
+            });
+            if valid {
+                Ok(origin.trim_end_matches('/').to_owned())
+            } else {
+                Err(ConfigError::new(
+                    "MAESTRA_CORS_ORIGINS",
+                    format!("{origin:?} is not an origin like https://example.com"),
+                ))
+            }
+        })
+        .collect()
+}
+
+fn parse_log_format(value: &str) -> Result<LogFormat, ConfigError> {
+    match value.trim() {
+        "json" => Ok(LogFormat::Json),
+        "pretty" => Ok(LogFormat::Pretty),
+        other => Err(ConfigError::new(
+            "MAESTRA_LOG_FORMAT",
+            format!("unknown format {other:?} (expected \"json\" or \"pretty\")"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let mut map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        map.entry("HOME".to_owned())
+            .or_insert_with(|| "/home/ana".to_owned());
+        Settings::load_from(map)
+    }
+
+    #[test]
+    fn with_no_configuration_it_is_local_on_loopback_with_the_guides_ports_and_folder() {
+        let settings = load(&[]).unwrap();
+        assert_eq!(settings.mode, Mode::Local);
+        assert_eq!(settings.host, IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(settings.port, PortChoice::FirstFree(8825..=8829));
+        assert_eq!(settings.data_dir, PathBuf::from("/home/ana/.8825"));
+        assert_eq!(settings.max_message_bytes, 32 * 1024);
+        assert_eq!(settings.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn environment_variables_override_the_files() {
+        let settings = load(&[
+            ("MAESTRA_PORT", "9000"),
+            ("MAESTRA_HOST", "0.0.0.0"),
+            ("MAESTRA_DATA_DIR", "~/elsewhere"),
+            ("MAESTRA_MAX_MESSAGE_BYTES", "100"),
+            (
+                "MAESTRA_CORS_ORIGINS",
+                "https://a.example, http://localhost:3000",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(settings.port, PortChoice::Fixed(9000));
+        assert_eq!(settings.host, IpAddr::from([0, 0, 0, 0]));
+        assert_eq!(settings.data_dir, PathBuf::from("/home/ana/elsewhere"));
+        assert_eq!(settings.max_message_bytes, 100);
+        assert_eq!(
+            settings.cors_origins,
+            ["https://a.example", "http://localhost:3000"]
+        );
+    }
+
+    #[test]
+    fn an_empty_variable_counts_as_unset() {
+        let settings = load(&[("MAESTRA_PORT", "")]).unwrap();
+        assert_eq!(settings.port, PortChoice::FirstFree(8825..=8829));
+    }
+
+    #[test]
+    fn each_bad_value_names_its_variable() {
+        let cases = [
+            ("MAESTRA_MODE", "hybrid"),
+            ("MAESTRA_PORT", "70000"),
+            ("MAESTRA_PORT", "eighty"),
+            ("MAESTRA_HOST", "my laptop"),
+            ("MAESTRA_MAX_MESSAGE_BYTES", "0"),
+            ("MAESTRA_HISTORY_MESSAGES", "-3"),
+            ("MAESTRA_CORS_ORIGINS", "not an origin"),
+            ("MAESTRA_LOG_FORMAT", "xml"),
+            ("MAESTRA_PORT_RANGE", "8829-8825"),
+        ];
+        for (variable, value) in cases {
+            let err = load(&[(variable, value)]).unwrap_err();
+            assert_eq!(err.variable, variable, "{variable}={value}: {err}");
+            assert!(!err.to_string().contains('\n'), "one line: {err}");
+        }
+    }
+
+    #[test]
+    fn a_missing_config_dir_is_an_error() {
+        let err = load(&[("MAESTRA_CONFIG_DIR", "/nonexistent/maestra")]).unwrap_err();
+        assert_eq!(err.variable, "MAESTRA_CONFIG_DIR");
+    }
+
+    #[test]
+    fn a_config_dir_overrides_the_built_in_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("local.toml"), "history_messages = 7\n").unwrap();
+        let settings = load(&[("MAESTRA_CONFIG_DIR", dir.path().to_str().unwrap())]).unwrap();
+        assert_eq!(settings.history_messages, 7);
+    }
+}

@@ -1,0 +1,24 @@
+//! Validated domain types. Handlers parse raw input into these once; nothing below re-checks.
+
+mod ids;
+mod message;
+
+pub use ids::{ConversationId, SurfaceId, UserId};
+pub use message::{Message, MessageText, MessageTextError, NewMessage, Role, Usage};
+
+/// Why a piece of input was refused; `field` names it so the client knows what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct InvalidInput {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl InvalidInput {
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            field,
+            reason: reason.into(),
+        }
+    }
+}

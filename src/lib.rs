@@ -1,0 +1,14 @@
+//! Maestra Backend: the one HTTP service behind every Maestra surface.
+//!
+//! A request travels one line: `api` (HTTP, ids, errors) → `service` (a conversation turn) →
+//! `store` (where conversations live) and `responder` (who writes the reply).
+
+pub mod api;
+pub mod config;
+pub mod domain;
+pub mod responder;
+pub mod service;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+pub mod usage_log;

@@ -1,0 +1,532 @@
+//! Local mode's store: one append-only JSON Lines file per conversation under
+//! `<data>/conversations/<conversation_id>.json`.
+//!
+//! The first line is the conversation's header (its owner), every further line one message.
+//! An append writes one line and `fsync`s it before returning, so its cost does not grow with
+//! the conversation. A crash can only tear the last line; loading drops such a line (it was
+//! never acknowledged) and keeps everything before it. Each open conversation has its own lock,
+//! so two surfaces writing at once are stored one after the other with distinct seqs.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use anyhow::{Context, anyhow};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{ConversationStore, ConversationSummary, Owner, StoreError};
+use crate::domain::{ConversationId, Message, NewMessage, UserId};
+
+const FILE_EXTENSION: &str = "json";
+/// Open conversations kept in memory; idle ones beyond this are closed.
+const MAX_OPEN: usize = 1024;
+
+#[derive(Clone)]
+pub struct FileStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    /// Messages kept in memory per open conversation, so the history window costs no read.
+    keep_recent: usize,
+    open: Mutex<HashMap<ConversationId, Arc<Mutex<Option<OpenConversation>>>>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Header {
+    conversation_id: ConversationId,
+    tenant: String,
+    user_id: UserId,
+    created_at: DateTime<Utc>,
+}
+
+impl Header {
+    fn is_owned_by(&self, owner: &Owner) -> bool {
+        self.tenant == owner.tenant && self.user_id == owner.user_id
+    }
+}
+
+/// One line of a conversation file.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Record {
+    Conversation(Header),
+    Message(Message),
+}
+
+struct OpenConversation {
+    header: Header,
+    file: File,
+    /// Bytes of whole records; a failed write is cut back to this.
+    len: u64,
+    next_seq: i64,
+    recent: VecDeque<Message>,
+}
+
+impl FileStore {
+    /// Opens (creating if needed, mode 0700) the conversations folder.
+    pub fn open(dir: impl Into<PathBuf>, keep_recent: usize) -> anyhow::Result<Self> {
+        let dir = dir.into();
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot set permissions on {}", dir.display()))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                dir,
+                keep_recent: keep_recent.max(1),
+                open: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Runs blocking file work off the async executor.
+    async fn blocking<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || work(&inner))
+            .await
+            .map_err(|e| StoreError::Other(anyhow!("file store task failed: {e}")))?
+    }
+}
+
+#[async_trait]
+impl ConversationStore for FileStore {
+    async fn append(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        message: NewMessage,
+    ) -> Result<Message, StoreError> {
+        let (owner, conversation) = (owner.clone(), conversation.clone());
+        self.blocking(move |inner| inner.append(&owner, &conversation, message))
+            .await
+    }
+
+    async fn recent(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let (owner, conversation) = (owner.clone(), conversation.clone());
+        self.blocking(move |inner| inner.recent(&owner, &conversation, limit))
+            .await
+    }
+
+    async fn messages(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let (owner, conversation) = (owner.clone(), conversation.clone());
+        self.blocking(move |inner| inner.messages(&owner, &conversation, after_seq, limit))
+            .await
+    }
+
+    async fn list(
+        &self,
+        owner: &Owner,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<ConversationSummary>, StoreError> {
+        let owner = owner.clone();
+        self.blocking(move |inner| inner.list(&owner, offset, limit))
+            .await
+    }
+
+    async fn delete(&self, owner: &Owner, conversation: &ConversationId) -> Result<(), StoreError> {
+        let (owner, conversation) = (owner.clone(), conversation.clone());
+        self.blocking(move |inner| inner.delete(&owner, &conversation))
+            .await
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        self.blocking(|inner| {
+            let meta = fs::metadata(&inner.dir)?;
+            if meta.is_dir() && !meta.permissions().readonly() {
+                Ok(())
+            } else {
+                Err(StoreError::Unavailable(format!(
+                    "{} is not a writable folder",
+                    inner.dir.display()
+                )))
+            }
+        })
+        .await
+    }
+}
+
+impl From<io::Error> for StoreError {
+    fn from(e: io::Error) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock leaves no half-written record behind (writes are cut back
+    // on error), so the data is still usable.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+type Slot = Arc<Mutex<Option<OpenConversation>>>;
+
+impl Inner {
+    fn path(&self, conversation: &ConversationId) -> PathBuf {
+        self.dir
+            .join(format!("{}.{FILE_EXTENSION}", conversation.as_str()))
+    }
+
+    /// The conversation's lock slot; closes idle conversations when too many are open.
+    fn slot(&self, conversation: &ConversationId) -> Slot {
+        let mut open = lock(&self.open);
+        if let Some(slot) = open.get(conversation) {
+            return Arc::clone(slot);
+        }
+        if open.len() >= MAX_OPEN {
+            open.retain(|_, slot| Arc::strong_count(slot) > 1);
+        }
+        let slot = Slot::default();
+        open.insert(conversation.clone(), Arc::clone(&slot));
+        slot
+    }
+
+    /// Locks the conversation and loads it from disk if it is not open yet.
+    fn with_conversation<T>(
+        &self,
+        conversation: &ConversationId,
+        work: impl FnOnce(&mut Option<OpenConversation>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let slot = self.slot(conversation);
+        let mut guard = lock(&slot);
+        if guard.is_none() {
+            *guard = load(&self.path(conversation), self.keep_recent)?;
+        }
+        work(&mut guard)
+    }
+
+    fn owned<'a>(
+        conversation: &'a mut Option<OpenConversation>,
+        owner: &Owner,
+    ) -> Result<&'a mut OpenConversation, StoreError> {
+        match conversation {
+            Some(open) if open.header.is_owned_by(owner) => Ok(open),
+            _ => Err(StoreError::NotFound),
+        }
+    }
+
+    fn append(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        new: NewMessage,
+    ) -> Result<Message, StoreError> {
+        self.with_conversation(conversation, |slot| {
+            if slot.is_none() {
+                let (open, message) = self.create(owner, conversation, new)?;
+                *slot = Some(open);
+                return Ok(message);
+            }
+            let open = Self::owned(slot, owner)?;
+            let message = new.into_message(open.next_seq);
+            let line = encode(&Record::Message(message.clone()))?;
+            if let Err(e) = write_durably(&mut open.file, &line) {
+                // Cut a partial line so the next append starts clean; reload next time.
+                let _ = open.file.set_len(open.len);
+                *slot = None;
+                return Err(e.into());
+            }
+            open.len += line.len() as u64;
+            open.next_seq += 1;
+            open.remember(message.clone(), self.keep_recent);
+            Ok(message)
+        })
+    }
+
+    /// Writes a new conversation's header and first message in one durable step.
+    fn create(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        new: NewMessage,
+    ) -> Result<(OpenConversation, Message), StoreError> {
+        let header = Header {
+            conversation_id: conversation.clone(),
+            tenant: owner.tenant.clone(),
+            user_id: owner.user_id.clone(),
+            created_at: Utc::now(),
+        };
+        let message = new.into_message(1);
+        let mut bytes = encode(&Record::Conversation(header.clone()))?;
+        bytes.extend(encode(&Record::Message(message.clone()))?);
+
+        let path = self.path(conversation);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        if let Err(e) = write_durably(&mut file, &bytes).and_then(|()| sync_dir(&self.dir)) {
+            let _ = fs::remove_file(&path);
+            return Err(e.into());
+        }
+        let mut open = OpenConversation {
+            header,
+            file,
+            len: bytes.len() as u64,
+            next_seq: 2,
+            recent: VecDeque::new(),
+        };
+        open.remember(message.clone(), self.keep_recent);
+        Ok((open, message))
+    }
+
+    fn recent(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let (len, last_seq, cached) = self.with_conversation(conversation, |slot| {
+            let open = Self::owned(slot, owner)?;
+            let in_memory = open.recent.len();
+            let everything_cached = open.recent.front().is_none_or(|m| m.seq == 1);
+            let cached = (limit <= in_memory || everything_cached).then(|| {
+                let skip = in_memory.saturating_sub(limit);
+                open.recent.iter().skip(skip).cloned().collect::<Vec<_>>()
+            });
+            Ok((open.len, open.next_seq - 1, cached))
+        })?;
+        match cached {
+            Some(messages) => Ok(messages),
+            None => {
+                let after = last_seq.saturating_sub(limit as i64);
+                read_messages(&self.path(conversation), len, after, limit)
+            }
+        }
+    }
+
+    fn messages(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        // Read outside the lock, up to the length known now: appends go on meanwhile.
+        let len = self.with_conversation(conversation, |slot| Ok(Self::owned(slot, owner)?.len))?;
+        read_messages(&self.path(conversation), len, after_seq, limit)
+    }
+
+    fn list(
+        &self,
+        owner: &Owner,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<ConversationSummary>, StoreError> {
+        let mut found = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some(FILE_EXTENSION) {
+                continue;
+            }
+            let Some(header) = read_header(&path)? else {
+                continue;
+            };
+            if !header.is_owned_by(owner) {
+                continue;
+            }
+            let updated_at = match fs::metadata(&path).and_then(|m| m.modified()) {
+                Ok(modified) => DateTime::<Utc>::from(modified),
+                // Deleted since the folder was read.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            };
+            found.push(ConversationSummary {
+                conversation_id: header.conversation_id,
+                user_id: header.user_id,
+                created_at: header.created_at,
+                updated_at,
+            });
+        }
+        found.sort_by(|a, b| {
+            b.updated_at
+                .cmp(&a.updated_at)
+                .then_with(|| b.conversation_id.cmp(&a.conversation_id))
+        });
+        Ok(found.into_iter().skip(offset).take(limit).collect())
+    }
+
+    fn delete(&self, owner: &Owner, conversation: &ConversationId) -> Result<(), StoreError> {
+        self.with_conversation(conversation, |slot| {
+            Self::owned(slot, owner)?;
+            fs::remove_file(self.path(conversation))?;
+            sync_dir(&self.dir)?;
+            *slot = None;
+            Ok(())
+        })?;
+        let mut open = lock(&self.open);
+        if open
+            .get(conversation)
+            .is_some_and(|s| Arc::strong_count(s) == 1)
+        {
+            open.remove(conversation);
+        }
+        Ok(())
+    }
+}
+
+impl OpenConversation {
+    fn remember(&mut self, message: Message, keep: usize) {
+        if self.recent.len() == keep {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(message);
+    }
+}
+
+fn encode(record: &Record) -> Result<Vec<u8>, StoreError> {
+    let mut line = serde_json::to_vec(record).context("cannot encode a record")?;
+    line.push(b'\n');
+    Ok(line)
+}
+
+fn write_durably(file: &mut File, bytes: &[u8]) -> io::Result<()> {
+    file.write_all(bytes)?;
+    file.sync_data()
+}
+
+/// Makes a file's creation or removal itself durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Reads one line; `None` at the end of the data. A line without its newline is torn.
+fn next_line(reader: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<Option<bool>> {
+    line.clear();
+    if reader.read_until(b'\n', line)? == 0 {
+        return Ok(None);
+    }
+    let complete = line.last() == Some(&b'\n');
+    Ok(Some(complete))
+}
+
+/// Opens a conversation file: checks every record, drops a torn tail left by a crash.
+/// `None` when there is no such conversation.
+fn load(path: &Path, keep_recent: usize) -> Result<Option<OpenConversation>, StoreError> {
+    let file = match OpenOptions::new().read(true).append(true).open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut reader = BufReader::new(&file);
+    let mut line = Vec::new();
+    let mut header = None;
+    let mut len = 0u64;
+    let mut last_seq = 0;
+    let mut recent = VecDeque::with_capacity(keep_recent);
+    while let Some(complete) = next_line(&mut reader, &mut line)? {
+        if !complete {
+            break; // torn tail: never acknowledged
+        }
+        let record_len = line.len() as u64;
+        match (serde_json::from_slice::<Record>(&line), &header) {
+            (Ok(Record::Conversation(h)), None) => header = Some(h),
+            (Ok(Record::Message(m)), Some(_)) => {
+                last_seq = last_seq.max(m.seq);
+                if recent.len() == keep_recent {
+                    recent.pop_front();
+                }
+                recent.push_back(m);
+            }
+            (Ok(_), _) => {
+                return Err(anyhow!("{}: records out of order", path.display()).into());
+            }
+            (Err(e), _) => {
+                // A damaged line inside the file: skip it rather than lose what follows.
+                tracing::warn!(file = %path.display(), error = %e, "skipping an unreadable record");
+            }
+        }
+        len += record_len;
+    }
+    drop(reader);
+
+    let Some(header) = header else {
+        // A crash while creating it: its first message was never acknowledged.
+        tracing::warn!(file = %path.display(), "removing a conversation file torn at creation");
+        fs::remove_file(path)?;
+        return Ok(None);
+    };
+    if file.metadata()?.len() > len {
+        tracing::warn!(file = %path.display(), "dropping a torn last record");
+        file.set_len(len)?;
+        file.sync_all()?;
+    }
+    Ok(Some(OpenConversation {
+        header,
+        file,
+        len,
+        next_seq: last_seq + 1,
+        recent,
+    }))
+}
+
+fn read_header(path: &Path) -> Result<Option<Header>, StoreError> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut line = Vec::new();
+    match next_line(&mut BufReader::new(file), &mut line)? {
+        Some(true) => match serde_json::from_slice(&line) {
+            Ok(Record::Conversation(header)) => Ok(Some(header)),
+            _ => Ok(None),
+        },
+        _ => Ok(None),
+    }
+}
+
+/// Messages after `after_seq` among the first `len` bytes of a conversation file.
+fn read_messages(
+    path: &Path,
+    len: u64,
+    after_seq: i64,
+    limit: usize,
+) -> Result<Vec<Message>, StoreError> {
+    let file = File::open(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => StoreError::NotFound,
+        _ => e.into(),
+    })?;
+    let mut reader = BufReader::new(file.take(len));
+    let mut line = Vec::new();
+    let mut messages = Vec::new();
+    while messages.len() < limit {
+        match next_line(&mut reader, &mut line)? {
+            Some(true) => {
+                if let Ok(Record::Message(m)) = serde_json::from_slice(&line) {
+                    if m.seq > after_seq {
+                        messages.push(m);
+                    }
+                }
+            }
+            _ => break,
+        }
+    }
+    Ok(messages)
+}

@@ -1,0 +1,82 @@
+//! Where conversations live. One trait, one implementation per deployment mode; everything above
+//! it is written once.
+
+mod file;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::domain::{ConversationId, Message, NewMessage, UserId};
+
+pub use file::FileStore;
+
+/// Who may see a conversation: the user, within a tenant (local mode has one tenant).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Owner {
+    pub tenant: String,
+    pub user_id: UserId,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConversationSummary {
+    pub conversation_id: ConversationId,
+    pub user_id: UserId,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No such conversation for this owner (it may exist for another: that is not told).
+    #[error("conversation not found")]
+    NotFound,
+    /// The storage cannot be reached or written right now; retrying later may succeed.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+#[async_trait]
+pub trait ConversationStore: Send + Sync + 'static {
+    /// Appends a message, durably, and returns it with its seq. The conversation is created
+    /// for `owner` when it does not exist yet; another owner's conversation is `NotFound`.
+    async fn append(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        message: NewMessage,
+    ) -> Result<Message, StoreError>;
+
+    /// The last `limit` messages, oldest first.
+    async fn recent(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError>;
+
+    /// Messages with seq greater than `after_seq`, oldest first, at most `limit`.
+    async fn messages(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError>;
+
+    /// The owner's conversations, most recently updated first.
+    async fn list(
+        &self,
+        owner: &Owner,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<ConversationSummary>, StoreError>;
+
+    /// Erases the conversation and all its messages.
+    async fn delete(&self, owner: &Owner, conversation: &ConversationId) -> Result<(), StoreError>;
+
+    /// Whether the storage can be used right now (cheap: `/health` calls it).
+    async fn check(&self) -> Result<(), StoreError>;
+}
