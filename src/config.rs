@@ -104,13 +104,11 @@ impl Settings {
             .get("MAESTRA_CONFIG_DIR")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from);
-        if let Some(dir) = &config_dir {
-            if !dir.is_dir() {
-                return Err(ConfigError::new(
-                    "MAESTRA_CONFIG_DIR",
-                    format!("{} is not a folder", dir.display()),
-                ));
-            }
+        if let Some(dir) = config_dir.as_ref().filter(|dir| !dir.is_dir()) {
+            return Err(ConfigError::new(
+                "MAESTRA_CONFIG_DIR",
+                format!("{} is not a folder", dir.display()),
+            ));
         }
 
         // The mode picks the second layer, so it is read first from the first layer and env.

@@ -116,7 +116,6 @@ async fn json_error_body(response: HttpResponse) -> HttpResponse {
 
 fn code_for(status: StatusCode) -> &'static str {
     match status.as_u16() {
-        400 => "invalid_request",
         401 => "unauthorized",
         403 => "forbidden",
         404 => "not_found",

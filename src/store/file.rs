@@ -519,10 +519,10 @@ fn read_messages(
     while messages.len() < limit {
         match next_line(&mut reader, &mut line)? {
             Some(true) => {
-                if let Ok(Record::Message(m)) = serde_json::from_slice(&line) {
-                    if m.seq > after_seq {
-                        messages.push(m);
-                    }
+                if let Ok(Record::Message(m)) = serde_json::from_slice(&line)
+                    && m.seq > after_seq
+                {
+                    messages.push(m);
                 }
             }
             _ => break,

@@ -1,0 +1,185 @@
+//! Helpers shared by the test binaries: the service in-process on a random port, or the real
+//! `maestra` binary as a child process.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use maestra::config::Settings;
+use maestra::startup::Application;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+/// The service running in this process, on a random port, with its own data folder.
+pub struct TestApp {
+    pub address: String,
+    pub data_dir: TempDir,
+    pub client: reqwest::Client,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+pub async fn spawn_app_with(vars: &[(&str, &str)]) -> TestApp {
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut env: HashMap<String, String> = HashMap::from([
+        ("MAESTRA_PORT".to_owned(), "0".to_owned()),
+        (
+            "MAESTRA_DATA_DIR".to_owned(),
+            data_dir.path().to_str().unwrap().to_owned(),
+        ),
+    ]);
+    env.extend(vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    let settings = Settings::load_from(env).unwrap();
+    let app = Application::build(settings).await.unwrap();
+    let address = format!("http://127.0.0.1:{}", app.port());
+    tokio::spawn(app.run_until_stopped());
+    TestApp {
+        address,
+        data_dir,
+        client: reqwest::Client::new(),
+    }
+}
+
+impl TestApp {
+    pub fn conversations_dir(&self) -> PathBuf {
+        self.data_dir.path().join("conversations")
+    }
+
+    pub async fn post_core(&self, body: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}/api/maestra/core", self.address))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Sends one message and returns the 200 response's body.
+    pub async fn say(
+        &self,
+        user: &str,
+        surface: &str,
+        conversation: Option<&str>,
+        text: &str,
+    ) -> Value {
+        let mut body = json!({"user_id": user, "surface_id": surface, "message": text});
+        if let Some(id) = conversation {
+            body["conversation_id"] = json!(id);
+        }
+        let response = self.post_core(&body).await;
+        assert_eq!(response.status(), 200, "core call failed");
+        response.json().await.unwrap()
+    }
+
+    pub async fn get(&self, path_and_query: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path_and_query}", self.address))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn delete(&self, path_and_query: &str) -> reqwest::Response {
+        self.client
+            .delete(format!("{}{path_and_query}", self.address))
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(files_under(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found.sort();
+    found
+}
+
+/// The real `maestra serve` binary, as a user starts it.
+pub struct ServerProcess {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl ServerProcess {
+    /// Starts `maestra serve` on `data_dir` and waits until it answers `/health`.
+    pub async fn start(data_dir: &Path, vars: &[(&str, &str)]) -> ServerProcess {
+        let port_file = data_dir.join("maestra.port");
+        let _ = std::fs::remove_file(&port_file);
+        let mut command = maestra_command(data_dir, vars);
+        // Owned by the guard at once, so that a failed start still reaps the child.
+        let mut server = ServerProcess {
+            child: command.arg("serve").spawn().unwrap(),
+            port: 0,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let client = reqwest::Client::new();
+        loop {
+            assert!(Instant::now() < deadline, "the server did not start");
+            if let Some(port) = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|p| p.trim().parse::<u16>().ok())
+            {
+                let health = client
+                    .get(format!("http://127.0.0.1:{port}/health"))
+                    .send()
+                    .await;
+                if health.is_ok_and(|r| r.status() == 200) {
+                    server.port = port;
+                    return server;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn kill_hard(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `maestra` with a clean environment: only the given data folder and variables.
+pub fn maestra_command(data_dir: &Path, vars: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_maestra"));
+    command
+        .env_clear()
+        .env("HOME", data_dir)
+        .env("MAESTRA_DATA_DIR", data_dir)
+        .env("MAESTRA_PORT", "0")
+        .envs(vars.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
+}

@@ -1,0 +1,14 @@
+//! Black-box tests: the service over real HTTP on a random port, and the real binary.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "a failed unwrap in a test is a failed assertion"
+)]
+
+mod bad_input;
+mod conversations;
+mod core;
+mod health;
+mod helpers;
+mod process;
+mod store;

@@ -1,0 +1,286 @@
+//! The store contract, checked directly through the `ConversationStore` trait. The suite takes
+//! any store, so every implementation answers to the same tests.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use maestra::domain::{ConversationId, NewMessage, Role, SurfaceId, UserId};
+use maestra::store::{ConversationStore, FileStore, Owner, StoreError};
+
+fn owner(user: &str) -> Owner {
+    Owner {
+        tenant: "t1".to_owned(),
+        user_id: UserId::parse(user).unwrap(),
+    }
+}
+
+fn conversation(id: &str) -> ConversationId {
+    ConversationId::parse(id).unwrap()
+}
+
+fn user_message(surface: &str, text: &str) -> NewMessage {
+    NewMessage {
+        role: Role::User,
+        surface_id: SurfaceId::parse(surface).unwrap(),
+        content: text.to_owned(),
+        model: None,
+        usage: None,
+    }
+}
+
+mod suite {
+    use super::*;
+
+    pub async fn appends_are_numbered_and_read_back_in_order(store: &dyn ConversationStore) {
+        let (ana, conv) = (owner("ana"), conversation("conv_order"));
+        for i in 1..=5 {
+            let stored = store
+                .append(&ana, &conv, user_message("cli", &format!("m{i}")))
+                .await
+                .unwrap();
+            assert_eq!(stored.seq, i);
+        }
+        let all = store.messages(&ana, &conv, 0, 100).await.unwrap();
+        let contents: Vec<&str> = all.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(contents, ["m1", "m2", "m3", "m4", "m5"]);
+        let after = store.messages(&ana, &conv, 3, 1).await.unwrap();
+        assert_eq!(after.len(), 1);
+        assert_eq!(after[0].seq, 4);
+    }
+
+    pub async fn recent_returns_the_last_messages_oldest_first(store: &dyn ConversationStore) {
+        let (ana, conv) = (owner("ana"), conversation("conv_recent"));
+        for i in 1..=50 {
+            store
+                .append(&ana, &conv, user_message("cli", &format!("m{i}")))
+                .await
+                .unwrap();
+        }
+        for limit in [1, 3, 20, 45, 100] {
+            let recent = store.recent(&ana, &conv, limit).await.unwrap();
+            let seqs: Vec<i64> = recent.iter().map(|m| m.seq).collect();
+            let first = 50 - limit.min(50) as i64 + 1;
+            assert_eq!(seqs, (first..=50).collect::<Vec<_>>(), "limit {limit}");
+        }
+    }
+
+    pub async fn conversations_are_private_to_their_owner(store: &dyn ConversationStore) {
+        let conv = conversation("conv_private");
+        store
+            .append(&owner("ana"), &conv, user_message("cli", "mine"))
+            .await
+            .unwrap();
+        let mallory = owner("mallory");
+        let other_tenant = Owner {
+            tenant: "t2".to_owned(),
+            user_id: UserId::parse("ana").unwrap(),
+        };
+        for intruder in [&mallory, &other_tenant] {
+            assert!(matches!(
+                store
+                    .append(intruder, &conv, user_message("cli", "x"))
+                    .await,
+                Err(StoreError::NotFound)
+            ));
+            assert!(matches!(
+                store.messages(intruder, &conv, 0, 10).await,
+                Err(StoreError::NotFound)
+            ));
+            assert!(matches!(
+                store.recent(intruder, &conv, 10).await,
+                Err(StoreError::NotFound)
+            ));
+            assert!(matches!(
+                store.delete(intruder, &conv).await,
+                Err(StoreError::NotFound)
+            ));
+            assert!(store.list(intruder, 0, 10).await.unwrap().is_empty());
+        }
+        assert_eq!(
+            store
+                .messages(&owner("ana"), &conv, 0, 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    pub async fn concurrent_appends_get_distinct_seqs(store: Arc<dyn ConversationStore>) {
+        let conv = conversation("conv_race");
+        let tasks: Vec<_> = (0..8)
+            .map(|t| {
+                let (store, conv) = (Arc::clone(&store), conv.clone());
+                tokio::spawn(async move {
+                    for i in 0..25 {
+                        store
+                            .append(
+                                &owner("ana"),
+                                &conv,
+                                user_message(&format!("s{t}"), &format!("{t}-{i}")),
+                            )
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let all = store.messages(&owner("ana"), &conv, 0, 1000).await.unwrap();
+        let seqs: Vec<i64> = all.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+    }
+
+    pub async fn delete_removes_the_conversation(store: &dyn ConversationStore) {
+        let (ana, conv) = (owner("ana"), conversation("conv_delete"));
+        store
+            .append(&ana, &conv, user_message("cli", "bye"))
+            .await
+            .unwrap();
+        store.delete(&ana, &conv).await.unwrap();
+        assert!(matches!(
+            store.messages(&ana, &conv, 0, 10).await,
+            Err(StoreError::NotFound)
+        ));
+        assert!(
+            store
+                .list(&ana, 0, 10)
+                .await
+                .unwrap()
+                .iter()
+                .all(|c| c.conversation_id != conv)
+        );
+        // The id can be used again, for a new conversation.
+        assert_eq!(
+            store
+                .append(&ana, &conv, user_message("cli", "again"))
+                .await
+                .unwrap()
+                .seq,
+            1
+        );
+    }
+}
+
+fn file_store(dir: &std::path::Path) -> FileStore {
+    FileStore::open(dir.join("conversations"), 20).unwrap()
+}
+
+#[tokio::test]
+async fn file_store_passes_the_store_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(dir.path());
+    suite::appends_are_numbered_and_read_back_in_order(&store).await;
+    suite::recent_returns_the_last_messages_oldest_first(&store).await;
+    suite::conversations_are_private_to_their_owner(&store).await;
+    suite::delete_removes_the_conversation(&store).await;
+    suite::concurrent_appends_get_distinct_seqs(Arc::new(store)).await;
+}
+
+#[tokio::test]
+async fn a_torn_last_record_is_dropped_and_the_earlier_messages_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ana, conv) = (owner("ana"), conversation("conv_torn"));
+    {
+        let store = file_store(dir.path());
+        for i in 1..=3 {
+            store
+                .append(&ana, &conv, user_message("cli", &format!("m{i}")))
+                .await
+                .unwrap();
+        }
+    }
+    // What a crash in the middle of the fourth write leaves behind.
+    let path = dir.path().join("conversations/conv_torn.json");
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    file.write_all(br#"{"type":"message","id":"msg_x","seq":4,"role":"us"#)
+        .unwrap();
+    drop(file);
+
+    let store = file_store(dir.path());
+    let messages = store.messages(&ana, &conv, 0, 100).await.unwrap();
+    assert_eq!(
+        messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    let next = store
+        .append(&ana, &conv, user_message("cli", "m4"))
+        .await
+        .unwrap();
+    assert_eq!(next.seq, 4);
+
+    // And the file is whole again: a fresh store reads all four.
+    let reopened = file_store(dir.path());
+    assert_eq!(
+        reopened.messages(&ana, &conv, 0, 100).await.unwrap().len(),
+        4
+    );
+}
+
+#[tokio::test]
+async fn a_file_torn_at_creation_counts_as_no_conversation() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(dir.path());
+    let path = dir.path().join("conversations/conv_new.json");
+    std::fs::write(
+        &path,
+        br#"{"type":"conversation","conversation_id":"conv_n"#,
+    )
+    .unwrap();
+    let (ana, conv) = (owner("ana"), conversation("conv_new"));
+    assert!(matches!(
+        store.messages(&ana, &conv, 0, 10).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(!path.exists(), "the torn file is cleared away");
+    assert_eq!(
+        store
+            .append(&ana, &conv, user_message("cli", "first"))
+            .await
+            .unwrap()
+            .seq,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_damaged_line_inside_a_file_does_not_hide_the_messages_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ana, conv) = (owner("ana"), conversation("conv_damaged"));
+    {
+        let store = file_store(dir.path());
+        for i in 1..=3 {
+            store
+                .append(&ana, &conv, user_message("cli", &format!("m{i}")))
+                .await
+                .unwrap();
+        }
+    }
+    let path = dir.path().join("conversations/conv_damaged.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let damaged = text.replacen(r#""content":"m2""#, r#""content":"m2"#, 1);
+    std::fs::write(&path, damaged).unwrap();
+
+    let store = file_store(dir.path());
+    let seqs: Vec<i64> = store
+        .messages(&ana, &conv, 0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(seqs, [1, 3]);
+    assert_eq!(
+        store
+            .append(&ana, &conv, user_message("cli", "m4"))
+            .await
+            .unwrap()
+            .seq,
+        4
+    );
+}
