@@ -24,6 +24,7 @@ fn message(i: usize) -> NewMessage {
         ),
         model: None,
         usage: None,
+        api_key_id: None,
     }
 }
 

@@ -9,11 +9,20 @@ use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
+use std::num::NonZeroU32;
+use std::time::Duration;
+
 use config::{Config, Environment, File, FileFormat};
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
+
+use crate::ratelimit::Quota;
 
 const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 const LOCAL_TOML: &str = include_str!("../config/local.toml");
+const CLOUD_TOML: &str = include_str!("../config/cloud.toml");
+/// The shortest `MAESTRA_API_KEY` accepted (the guide's example, `sk_your_key_here`, has 16).
+const MIN_API_KEY_LEN: usize = 16;
 
 /// A setting that cannot be used, named by the environment variable that sets it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -35,12 +44,14 @@ impl ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Local,
+    Cloud,
 }
 
 impl Mode {
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Local => "local",
+            Mode::Cloud => "cloud",
         }
     }
 }
@@ -65,20 +76,43 @@ pub struct LogSettings {
     pub level: String,
 }
 
+/// Every setting. Secrets are `SecretString`: their `Debug` prints `[REDACTED]`.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub mode: Mode,
     pub host: IpAddr,
     pub port: PortChoice,
+    /// Local mode's data folder (cloud mode keeps nothing on disk).
     pub data_dir: PathBuf,
     pub max_message_bytes: usize,
     pub history_messages: usize,
     pub cors_origins: Vec<String>,
     pub log: LogSettings,
+    /// Cloud mode's database; required there, and by `maestra migrate` and `maestra keys`.
+    pub database_url: Option<SecretString>,
+    /// Cloud mode: a key ensured for the default tenant at start.
+    pub api_key: Option<SecretString>,
+    /// Cloud mode: every key's quota unless its row sets its own.
+    pub rate_limit: Quota,
+    pub db_max_connections: u32,
+    pub auth_cache_ttl: Duration,
+}
+
+impl Settings {
+    /// The database URL, or the error that says how to give one.
+    pub fn require_database_url(&self) -> Result<&SecretString, ConfigError> {
+        self.database_url.as_ref().ok_or_else(|| {
+            ConfigError::new(
+                "DATABASE_URL",
+                "required (e.g. postgres://user:password@host:5432/maestra)",
+            )
+        })
+    }
 }
 
 /// The layered values before parsing: text, exactly as written in a file or variable.
-#[derive(Debug, Default, Deserialize)]
+/// No `Debug`: it holds secrets in the clear.
+#[derive(Default, Deserialize)]
 struct Raw {
     mode: Option<String>,
     host: Option<String>,
@@ -90,6 +124,12 @@ struct Raw {
     cors_origins: Option<String>,
     log_format: Option<String>,
     log_level: Option<String>,
+    database_url: Option<String>,
+    api_key: Option<String>,
+    rate_limit_requests: Option<String>,
+    rate_limit_window: Option<String>,
+    db_max_connections: Option<String>,
+    auth_cache_ttl_seconds: Option<String>,
 }
 
 impl Settings {
@@ -116,16 +156,34 @@ impl Settings {
         let mode = parse_mode(first.mode.as_deref())?;
         let mode_layer = match mode {
             Mode::Local => ("local", LOCAL_TOML),
+            Mode::Cloud => ("cloud", CLOUD_TOML),
         };
-        let raw = layered(
+        let mut raw = layered(
             &[("default", DEFAULT_TOML), mode_layer],
             config_dir.as_deref(),
             &vars,
         )?;
+        // The guide's name, without the MAESTRA_ prefix.
+        if let Some(url) = vars.get("DATABASE_URL").filter(|v| !v.is_empty()) {
+            raw.database_url = Some(url.clone());
+        }
         Self::parse(mode, raw, vars.get("HOME").map(String::as_str))
     }
 
     fn parse(mode: Mode, raw: Raw, home: Option<&str>) -> Result<Self, ConfigError> {
+        let database_url = non_empty(raw.database_url).map(parse_database_url).transpose()?;
+        if mode == Mode::Cloud && database_url.is_none() {
+            return Err(ConfigError::new(
+                "DATABASE_URL",
+                "required in cloud mode (e.g. postgres://user:password@host:5432/maestra)",
+            ));
+        }
+        let data_dir = match (mode, parse_data_dir(non_empty(raw.data_dir), home)) {
+            (_, Ok(dir)) => dir,
+            (Mode::Local, Err(e)) => return Err(e),
+            // Cloud mode stores nothing on disk; a container may have no $HOME.
+            (Mode::Cloud, Err(_)) => PathBuf::from(".8825"),
+        };
         let port = match non_empty(raw.port) {
             Some(port) => PortChoice::Fixed(parse_port("MAESTRA_PORT", &port)?),
             None => PortChoice::FirstFree(parse_port_range(
@@ -137,7 +195,7 @@ impl Settings {
             mode,
             host: parse_host(&required("MAESTRA_HOST", raw.host)?)?,
             port,
-            data_dir: parse_data_dir(non_empty(raw.data_dir), home)?,
+            data_dir,
             max_message_bytes: parse_positive(
                 "MAESTRA_MAX_MESSAGE_BYTES",
                 &required("MAESTRA_MAX_MESSAGE_BYTES", raw.max_message_bytes)?,
@@ -151,6 +209,33 @@ impl Settings {
                 format: parse_log_format(raw.log_format.as_deref().unwrap_or("json"))?,
                 level: raw.log_level.unwrap_or_else(|| "info".to_owned()),
             },
+            database_url,
+            api_key: non_empty(raw.api_key).map(parse_api_key).transpose()?,
+            rate_limit: Quota {
+                requests: parse_count(
+                    "MAESTRA_RATE_LIMIT_REQUESTS",
+                    &required("MAESTRA_RATE_LIMIT_REQUESTS", raw.rate_limit_requests)?,
+                )?,
+                window: Duration::from_secs(u64::from(
+                    parse_count(
+                        "MAESTRA_RATE_LIMIT_WINDOW",
+                        &required("MAESTRA_RATE_LIMIT_WINDOW", raw.rate_limit_window)?,
+                    )?
+                    .get(),
+                )),
+            },
+            db_max_connections: parse_count(
+                "MAESTRA_DB_MAX_CONNECTIONS",
+                &required("MAESTRA_DB_MAX_CONNECTIONS", raw.db_max_connections)?,
+            )?
+            .get(),
+            auth_cache_ttl: Duration::from_secs(u64::from(
+                parse_count(
+                    "MAESTRA_AUTH_CACHE_TTL_SECONDS",
+                    &required("MAESTRA_AUTH_CACHE_TTL_SECONDS", raw.auth_cache_ttl_seconds)?,
+                )?
+                .get(),
+            )),
         })
     }
 }
@@ -192,11 +277,44 @@ fn required(variable: &str, value: Option<String>) -> Result<String, ConfigError
 fn parse_mode(value: Option<&str>) -> Result<Mode, ConfigError> {
     match value.map(str::trim).unwrap_or("local") {
         "local" => Ok(Mode::Local),
+        "cloud" => Ok(Mode::Cloud),
         other => Err(ConfigError::new(
             "MAESTRA_MODE",
-            format!("unknown mode {other:?} (expected \"local\")"),
+            format!("unknown mode {other:?} (expected \"local\" or \"cloud\")"),
         )),
     }
+}
+
+/// Never echoes the value: it may hold a password.
+fn parse_database_url(value: String) -> Result<SecretString, ConfigError> {
+    let value = value.trim();
+    if !(value.starts_with("postgres://") || value.starts_with("postgresql://")) {
+        return Err(ConfigError::new(
+            "DATABASE_URL",
+            "must be a postgres:// or postgresql:// URL",
+        ));
+    }
+    Ok(SecretString::from(value.to_owned()))
+}
+
+/// Never echoes the value: it is a secret.
+fn parse_api_key(value: String) -> Result<SecretString, ConfigError> {
+    let key = SecretString::from(value.trim().to_owned());
+    let text = key.expose_secret();
+    if text.len() < MIN_API_KEY_LEN || !text.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::new(
+            "MAESTRA_API_KEY",
+            format!("must be at least {MIN_API_KEY_LEN} printable characters without spaces"),
+        ));
+    }
+    Ok(key)
+}
+
+fn parse_count(variable: &str, value: &str) -> Result<NonZeroU32, ConfigError> {
+    value
+        .trim()
+        .parse::<NonZeroU32>()
+        .map_err(|_| ConfigError::new(variable, format!("{value:?} is not a positive whole number")))
 }
 
 fn parse_port(variable: &str, value: &str) -> Result<u16, ConfigError> {
@@ -353,12 +471,52 @@ mod tests {
             ("MAESTRA_CORS_ORIGINS", "not an origin"),
             ("MAESTRA_LOG_FORMAT", "xml"),
             ("MAESTRA_PORT_RANGE", "8829-8825"),
+            ("MAESTRA_RATE_LIMIT_REQUESTS", "0"),
+            ("MAESTRA_RATE_LIMIT_WINDOW", "a minute"),
+            ("MAESTRA_API_KEY", "short"),
+            ("DATABASE_URL", "mysql://root@localhost/db"),
         ];
         for (variable, value) in cases {
             let err = load(&[(variable, value)]).unwrap_err();
             assert_eq!(err.variable, variable, "{variable}={value}: {err}");
             assert!(!err.to_string().contains('\n'), "one line: {err}");
         }
+    }
+
+    #[test]
+    fn cloud_mode_listens_on_all_interfaces_on_8000_and_needs_a_database() {
+        let err = load(&[("MAESTRA_MODE", "cloud")]).unwrap_err();
+        assert_eq!(err.variable, "DATABASE_URL");
+        let settings = load(&[
+            ("MAESTRA_MODE", "cloud"),
+            ("DATABASE_URL", "postgres://maestra:hunter2@db/maestra"),
+            ("MAESTRA_API_KEY", "sk_your_key_here"),
+            ("MAESTRA_RATE_LIMIT_REQUESTS", "5"),
+            ("MAESTRA_RATE_LIMIT_WINDOW", "10"),
+        ])
+        .unwrap();
+        assert_eq!(settings.mode, Mode::Cloud);
+        assert_eq!(settings.host, IpAddr::from([0, 0, 0, 0]));
+        assert_eq!(settings.port, PortChoice::Fixed(8000));
+        assert_eq!(settings.rate_limit.requests.get(), 5);
+        assert_eq!(settings.rate_limit.window, Duration::from_secs(10));
+        assert_eq!(settings.api_key.as_ref().unwrap().expose_secret(), "sk_your_key_here");
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output_or_errors() {
+        let settings = load(&[
+            ("MAESTRA_MODE", "cloud"),
+            ("DATABASE_URL", "postgres://maestra:hunter2@db/maestra"),
+            ("MAESTRA_API_KEY", "sk_very_secret_value"),
+        ])
+        .unwrap();
+        let debug = format!("{settings:?}");
+        assert!(!debug.contains("hunter2") && !debug.contains("sk_very_secret_value"), "{debug}");
+        let err = load(&[("MAESTRA_API_KEY", "tiny secret")]).unwrap_err();
+        assert!(!err.to_string().contains("tiny secret"));
+        let err = load(&[("DATABASE_URL", "mysql://root:hunter2@db")]).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"));
     }
 
     #[test]

@@ -4,8 +4,11 @@
 //! `store` (where conversations live) and `responder` (who writes the reply).
 
 pub mod api;
+pub mod auth;
 pub mod config;
+pub mod db;
 pub mod domain;
+pub mod ratelimit;
 pub mod responder;
 pub mod service;
 pub mod startup;

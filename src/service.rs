@@ -18,6 +18,8 @@ pub struct Turn {
     pub conversation_id: Option<ConversationId>,
     pub message: MessageText,
     pub request_id: String,
+    /// Cloud mode: the API key making the request.
+    pub api_key_id: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -79,7 +81,8 @@ impl ConversationService {
             .unwrap_or_else(ConversationId::generate);
         tracing::Span::current().record("conversation.id", conversation_id.as_str());
 
-        let user_message = NewMessage::from_user(turn.surface_id.clone(), turn.message);
+        let user_message = NewMessage::from_user(turn.surface_id.clone(), turn.message)
+            .written_by(turn.api_key_id.clone());
         let stored = self
             .store
             .append(&turn.owner, &conversation_id, user_message)
@@ -108,7 +111,8 @@ impl ConversationService {
             reply.text,
             reply.model,
             reply.usage,
-        );
+        )
+        .written_by(turn.api_key_id.clone());
         let answer = self
             .store
             .append(&turn.owner, &conversation_id, assistant)

@@ -7,18 +7,24 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use actix_governor::GovernorConfigBuilder;
 use actix_web::dev::Server;
 use actix_web::middleware::{Condition, from_fn};
 use actix_web::{App, HttpServer, web};
 use anyhow::{Context, bail};
 
-use crate::api::{self, AppState, middleware};
+use crate::api::{self, AppState, CloudGate, middleware};
+use crate::auth::Authenticator;
+use crate::auth::middleware::UnverifiedByAddress;
+use crate::auth::repository;
 use crate::config::{Mode, PortChoice, Settings};
+use crate::db;
+use crate::ratelimit::KeyRateLimiter;
 use crate::responder::OfflineResponder;
 use crate::service::ConversationService;
-use crate::store::FileStore;
+use crate::store::{FileStore, PgStore};
 use crate::usage_log::UsageLog;
 
 /// The tenant of every local-mode conversation.
@@ -29,15 +35,36 @@ const SHUTDOWN_GRACE_SECONDS: u64 = 30;
 pub struct Application {
     port: u16,
     server: Server,
-    /// Held while serving: one server per data folder.
-    _data_lock: File,
-    port_file: PathBuf,
+    /// Local mode: the data folder's lock and port file, released when serving ends.
+    _local: Option<LocalInstance>,
+    /// Cloud mode: flushed once more at shutdown.
+    authenticator: Option<Arc<Authenticator>>,
 }
+
+/// One server per data folder: the lock is held, and the port file kept, while it lives.
+struct LocalInstance {
+    _lock: File,
+    port_file: PathBuf,
+    port: u16,
+}
+
+impl Drop for LocalInstance {
+    fn drop(&mut self) {
+        if fs::read_to_string(&self.port_file).is_ok_and(|p| p.trim() == self.port.to_string()) {
+            let _ = fs::remove_file(&self.port_file);
+        }
+    }
+}
+
+/// Unverified API keys: this many attempts per client address at once, then one per period.
+const UNVERIFIED_BURST: u32 = 20;
+const UNVERIFIED_PERIOD: Duration = Duration::from_secs(3);
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         match settings.mode {
             Mode::Local => Self::build_local(settings),
+            Mode::Cloud => Self::build_cloud(settings).await,
         }
     }
 
@@ -48,7 +75,7 @@ impl Application {
             .mode(0o700)
             .create(data_dir)
             .with_context(|| format!("cannot create the data folder {}", data_dir.display()))?;
-        let data_lock = lock_data_dir(data_dir)?;
+        let lock = lock_data_dir(data_dir)?;
 
         let store = FileStore::open(data_dir.join("conversations"), settings.history_messages)?;
         let usage_log = UsageLog::open(&data_dir.join("maestra_metrics.jsonl"))?;
@@ -63,15 +90,14 @@ impl Application {
         let port = listener.local_addr()?.port();
         let port_file = data_dir.join("maestra.port");
         write_port_file(&port_file, port)?;
+        let local = LocalInstance {
+            _lock: lock,
+            port_file,
+            port,
+        };
 
-        let state = web::Data::new(AppState {
-            service,
-            mode: settings.mode,
-            tenant: LOCAL_TENANT.to_owned(),
-            max_message_bytes: settings.max_message_bytes,
-            started: Instant::now(),
-        });
-        let server = serve(listener, state, &settings)?;
+        let state = app_state(service, &settings, Some(LOCAL_TENANT.to_owned()));
+        let server = serve(listener, state, &settings, None)?;
         tracing::info!(
             mode = settings.mode.as_str(),
             address = %SocketAddr::new(settings.host, port),
@@ -81,8 +107,55 @@ impl Application {
         Ok(Self {
             port,
             server,
-            _data_lock: data_lock,
-            port_file,
+            _local: Some(local),
+            authenticator: None,
+        })
+    }
+
+    async fn build_cloud(settings: Settings) -> anyhow::Result<Self> {
+        let pool = db::connect(settings.require_database_url()?, settings.db_max_connections).await?;
+        db::migrate(&pool).await?;
+        if let Some(key) = &settings.api_key {
+            let id = repository::ensure_bootstrap(&pool, key).await?;
+            tracing::info!(key.id = %id, tenant.id = repository::DEFAULT_TENANT, "MAESTRA_API_KEY is a valid key");
+        }
+
+        let authenticator = Arc::new(Authenticator::new(
+            pool.clone(),
+            settings.rate_limit,
+            settings.auth_cache_ttl,
+        ));
+        tokio::spawn(Arc::clone(&authenticator).follow_key_changes());
+        tokio::spawn(Arc::clone(&authenticator).flush_last_used_periodically());
+
+        let service = ConversationService::new(
+            Arc::new(PgStore::new(pool)),
+            Arc::new(OfflineResponder),
+            None,
+            settings.history_messages,
+        );
+        let listener = bind(settings.host, &settings.port)?;
+        let port = listener.local_addr()?.port();
+        let gate = GovernorConfigBuilder::default()
+            .key_extractor(UnverifiedByAddress {
+                auth: Arc::clone(&authenticator),
+            })
+            .period(UNVERIFIED_PERIOD)
+            .burst_size(UNVERIFIED_BURST)
+            .finish()
+            .context("invalid limit on unverified keys")?;
+        let state = app_state(service, &settings, None);
+        let server = serve(listener, state, &settings, Some((gate, Arc::clone(&authenticator))))?;
+        tracing::info!(
+            mode = settings.mode.as_str(),
+            address = %SocketAddr::new(settings.host, port),
+            "maestra is serving"
+        );
+        Ok(Self {
+            port,
+            server,
+            _local: None,
+            authenticator: Some(authenticator),
         })
     }
 
@@ -93,31 +166,50 @@ impl Application {
     /// Serves until SIGINT/SIGTERM, then lets in-flight requests finish.
     pub async fn run_until_stopped(self) -> io::Result<()> {
         let result = self.server.await;
-        if fs::read_to_string(&self.port_file).is_ok_and(|p| p.trim() == self.port.to_string()) {
-            let _ = fs::remove_file(&self.port_file);
+        if let Some(authenticator) = &self.authenticator {
+            authenticator.flush_last_used().await;
         }
         tracing::info!("maestra stopped");
         result
     }
 }
 
+fn app_state(
+    service: ConversationService,
+    settings: &Settings,
+    local_tenant: Option<String>,
+) -> web::Data<AppState> {
+    web::Data::new(AppState {
+        service,
+        mode: settings.mode,
+        local_tenant,
+        max_message_bytes: settings.max_message_bytes,
+        started: Instant::now(),
+    })
+}
+
 fn serve(
     listener: TcpListener,
     state: web::Data<AppState>,
     settings: &Settings,
+    cloud: Option<(CloudGate, Arc<Authenticator>)>,
 ) -> anyhow::Result<Server> {
     let max_message_bytes = settings.max_message_bytes;
     let cors_origins = settings.cors_origins.clone();
     let local = settings.mode == Mode::Local;
+    let limiter = web::Data::new(KeyRateLimiter::default());
+    let (gate, authenticator) = cloud.unzip();
+    let authenticator = authenticator.map(web::Data::from);
     let server = HttpServer::new(move || {
-        App::new()
+        let mut app = App::new()
             .app_data(state.clone())
-            .configure(|cfg| api::configure(cfg, max_message_bytes))
+            .app_data(limiter.clone());
+        if let Some(authenticator) = &authenticator {
+            app = app.app_data(authenticator.clone());
+        }
+        app.configure(|cfg| api::configure(cfg, max_message_bytes, gate.as_ref()))
             .wrap(api::cors(&cors_origins))
-            .wrap(Condition::new(
-                local,
-                from_fn(middleware::loopback_host_only),
-            ))
+            .wrap(Condition::new(local, from_fn(middleware::loopback_host_only)))
             .wrap(from_fn(middleware::request_context))
     })
     .shutdown_timeout(SHUTDOWN_GRACE_SECONDS)

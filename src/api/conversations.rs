@@ -4,6 +4,7 @@ use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::caller::Caller;
 use super::errors::ApiError;
 use super::{AppState, parse_number};
 use crate::domain::{ConversationId, UserId};
@@ -24,14 +25,11 @@ pub struct Query {
 }
 
 impl Query {
-    fn owner(&self, state: &AppState) -> Result<Owner, ApiError> {
+    fn owner(&self, caller: &Caller) -> Result<Owner, ApiError> {
         let user_id = self.user_id.as_deref().ok_or_else(|| {
             ApiError::InvalidRequest("user_id: query parameter required".to_owned())
         })?;
-        Ok(Owner {
-            tenant: state.tenant.clone(),
-            user_id: UserId::parse(user_id)?,
-        })
+        Ok(caller.owner(UserId::parse(user_id)?))
     }
 
     fn limit(&self, default: usize, max: usize) -> Result<usize, ApiError> {
@@ -48,9 +46,10 @@ fn conversation_id(path: &str) -> Result<ConversationId, ApiError> {
 
 pub async fn list(
     state: web::Data<AppState>,
+    caller: Caller,
     query: web::Query<Query>,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = query.owner(&state)?;
+    let owner = query.owner(&caller)?;
     let limit = query.limit(DEFAULT_CONVERSATIONS, MAX_CONVERSATIONS)?;
     let offset: usize = parse_number("offset", query.offset.as_deref(), 0)?;
     // One more than asked tells whether another page exists.
@@ -70,11 +69,12 @@ pub async fn list(
 
 pub async fn get(
     state: web::Data<AppState>,
+    caller: Caller,
     path: web::Path<String>,
     query: web::Query<Query>,
 ) -> Result<HttpResponse, ApiError> {
     let conversation = conversation_id(&path)?;
-    let owner = query.owner(&state)?;
+    let owner = query.owner(&caller)?;
     let limit = query.limit(DEFAULT_MESSAGES, MAX_MESSAGES)?;
     let after_seq: i64 = parse_number("after_seq", query.after_seq.as_deref(), 0)?;
     let mut messages = state
@@ -94,11 +94,12 @@ pub async fn get(
 
 pub async fn delete(
     state: web::Data<AppState>,
+    caller: Caller,
     path: web::Path<String>,
     query: web::Query<Query>,
 ) -> Result<HttpResponse, ApiError> {
     let conversation = conversation_id(&path)?;
-    let owner = query.owner(&state)?;
+    let owner = query.owner(&caller)?;
     state.service.store().delete(&owner, &conversation).await?;
     Ok(HttpResponse::Ok().json(json!({
         "conversation_id": conversation,

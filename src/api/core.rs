@@ -3,11 +3,11 @@
 use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
+use super::caller::Caller;
 use super::errors::ApiError;
 use super::{AppState, request_id};
 use crate::domain::{ConversationId, MessageText, SurfaceId, Usage, UserId};
 use crate::service::{Turn, TurnOutcome};
-use crate::store::Owner;
 
 /// The body as sent. Unknown fields are ignored.
 #[derive(Deserialize)]
@@ -34,14 +34,15 @@ struct CoreResponse {
 
 pub async fn core(
     state: web::Data<AppState>,
+    caller: Caller,
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
-    let turn = parse(&state, body.into_inner())?;
+    let turn = parse(&state, caller, body.into_inner())?;
     let outcome = state.service.turn(turn).await?;
     Ok(HttpResponse::Ok().json(respond(outcome, state.mode.as_str())))
 }
 
-fn parse(state: &AppState, body: serde_json::Value) -> Result<Turn, ApiError> {
+fn parse(state: &AppState, caller: Caller, body: serde_json::Value) -> Result<Turn, ApiError> {
     let request: CoreRequest = serde_path_to_error::deserialize(body).map_err(|e| {
         let path = e.path().to_string();
         if path == "." {
@@ -51,10 +52,7 @@ fn parse(state: &AppState, body: serde_json::Value) -> Result<Turn, ApiError> {
         }
     })?;
     Ok(Turn {
-        owner: Owner {
-            tenant: state.tenant.clone(),
-            user_id: UserId::parse(&request.user_id)?,
-        },
+        owner: caller.owner(UserId::parse(&request.user_id)?),
         surface_id: SurfaceId::parse(&request.surface_id)?,
         conversation_id: request
             .conversation_id
@@ -63,6 +61,7 @@ fn parse(state: &AppState, body: serde_json::Value) -> Result<Turn, ApiError> {
             .transpose()?,
         message: MessageText::parse(request.message, state.max_message_bytes)?,
         request_id: request_id::current(),
+        api_key_id: caller.api_key_id,
     })
 }
 

@@ -18,6 +18,9 @@ pub enum ApiError {
     /// 400: the request is malformed; the message names the field.
     #[error("{0}")]
     InvalidRequest(String),
+    /// 401: the API key is missing, unknown, wrong, revoked or expired (one answer for all).
+    #[error("a valid API key is required (X-API-Key: <key> or Authorization: Bearer <key>)")]
+    Unauthorized,
     /// 403: refused whoever asks (e.g. a non-loopback `Host` in local mode).
     #[error("{0}")]
     Forbidden(String),
@@ -30,6 +33,9 @@ pub enum ApiError {
     /// 415: the body is not `application/json`.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// 429: over the key's quota (or too many unverified attempts); see `Retry-After`.
+    #[error("{0}")]
+    RateLimited(String),
     /// 502: the model provider failed.
     #[error("{0}")]
     Provider(String),
@@ -48,10 +54,12 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::InvalidRequest(_) => "invalid_request",
+            ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::RateLimited(_) => "rate_limited",
             ApiError::Provider(_) => "provider_error",
             ApiError::StorageUnavailable(_) => "storage_unavailable",
             ApiError::ProviderTimeout(_) => "provider_timeout",
@@ -64,10 +72,12 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Provider(_) => StatusCode::BAD_GATEWAY,
             ApiError::StorageUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::ProviderTimeout(_) => StatusCode::GATEWAY_TIMEOUT,

@@ -1,5 +1,6 @@
 //! The HTTP surface: routes, their extractors' error handling, and the middleware around them.
 
+mod caller;
 mod conversations;
 mod core;
 pub mod errors;
@@ -10,10 +11,14 @@ pub mod request_id;
 use std::time::Instant;
 
 use actix_cors::Cors;
+use actix_governor::governor::middleware::NoOpMiddleware;
+use actix_governor::{Governor, GovernorConfig};
 use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::http::{Method, header};
-use actix_web::{HttpRequest, web};
+use actix_web::middleware::from_fn;
+use actix_web::{HttpRequest, Scope, web};
 
+use crate::auth::middleware::{UnverifiedByAddress, require_api_key};
 use crate::config::Mode;
 use crate::service::ConversationService;
 use errors::ApiError;
@@ -22,14 +27,18 @@ use errors::ApiError;
 pub struct AppState {
     pub service: ConversationService,
     pub mode: Mode,
-    /// The tenant every request belongs to in local mode.
-    pub tenant: String,
+    /// Local mode: the tenant every request belongs to. Cloud mode: none, the key tells.
+    pub local_tenant: Option<String>,
     pub max_message_bytes: usize,
     pub started: Instant,
 }
 
-/// Routes and extractor settings.
-pub fn configure(cfg: &mut web::ServiceConfig, max_message_bytes: usize) {
+/// Cloud mode's gate on `/api`: unverified keys limited per address, then the key required.
+pub type CloudGate = GovernorConfig<UnverifiedByAddress, NoOpMiddleware>;
+
+/// Routes and extractor settings. With a gate (cloud mode), every `/api` route needs a key;
+/// `/health` never does.
+pub fn configure(cfg: &mut web::ServiceConfig, max_message_bytes: usize, gate: Option<&CloudGate>) {
     // Room for the JSON around the message and for escapes inside it; past this, 413.
     let body_limit = max_message_bytes.saturating_mul(2) + 16 * 1024;
     cfg.app_data(
@@ -44,23 +53,36 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_message_bytes: usize) {
             .route(web::get().to(health::health))
             .default_service(web::to(method_not_allowed)),
     )
-    .service(
-        web::resource("/api/maestra/core")
-            .route(web::post().to(core::core))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/api/maestra/conversations")
-            .route(web::get().to(conversations::list))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/api/maestra/conversations/{conversation_id}")
-            .route(web::get().to(conversations::get))
-            .route(web::delete().to(conversations::delete))
-            .default_service(web::to(method_not_allowed)),
-    )
     .default_service(web::to(not_found));
+    match gate {
+        None => cfg.service(api_routes()),
+        Some(gate) => cfg.service(
+            api_routes()
+                .wrap(from_fn(require_api_key))
+                .wrap(Governor::new(gate)),
+        ),
+    };
+}
+
+fn api_routes() -> Scope {
+    web::scope("/api")
+        .service(
+            web::resource("/maestra/core")
+                .route(web::post().to(core::core))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/maestra/conversations")
+                .route(web::get().to(conversations::list))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/maestra/conversations/{conversation_id}")
+                .route(web::get().to(conversations::get))
+                .route(web::delete().to(conversations::delete))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .default_service(web::to(not_found))
 }
 
 /// Browsers may call only from extension pages (and the configured extra origins): a web page

@@ -72,6 +72,8 @@ pub struct NewMessage {
     pub content: String,
     pub model: Option<String>,
     pub usage: Option<Usage>,
+    /// Cloud mode: the API key that wrote it, kept for audit and usage accounting.
+    pub api_key_id: Option<String>,
 }
 
 impl NewMessage {
@@ -82,6 +84,7 @@ impl NewMessage {
             content: text.into_inner(),
             model: None,
             usage: None,
+            api_key_id: None,
         }
     }
 
@@ -97,7 +100,13 @@ impl NewMessage {
             content,
             model: Some(model),
             usage: Some(usage),
+            api_key_id: None,
         }
+    }
+
+    pub fn written_by(mut self, api_key_id: Option<String>) -> Self {
+        self.api_key_id = api_key_id;
+        self
     }
 
     /// Gives the message its place in the conversation.

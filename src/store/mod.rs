@@ -2,6 +2,7 @@
 //! it is written once.
 
 mod file;
+mod postgres;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -10,6 +11,7 @@ use serde::Serialize;
 use crate::domain::{ConversationId, Message, NewMessage, UserId};
 
 pub use file::FileStore;
+pub use postgres::{PgStore, is_unavailable};
 
 /// Who may see a conversation: the user, within a tenant (local mode has one tenant).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -25,6 +25,7 @@ fn user_message(surface: &str, text: &str) -> NewMessage {
         content: text.to_owned(),
         model: None,
         usage: None,
+        api_key_id: None,
     }
 }
 

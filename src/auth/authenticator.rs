@@ -1,0 +1,267 @@
+//! Who is calling: a presented key → its tenant and quota.
+//!
+//! argon2 runs once per key; the verdict is then cached (bounded), keyed by the key id and
+//! recognised by the key's SHA-256. A cached verdict is re-read from the database when Postgres
+//! announces a change to that key (LISTEN/NOTIFY, fed by a trigger, so an operator's UPDATE in
+//! psql counts too) or after `ttl` as a backstop; re-reading costs a primary-key lookup, not
+//! another argon2, unless the key's hash itself changed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+
+use super::hash::verify_key;
+use super::key::{KeyId, digest};
+use super::repository::{self, KeyRow};
+use crate::ratelimit::Quota;
+
+/// Postgres channel the `api_keys` trigger notifies.
+pub const CHANNEL: &str = "maestra_api_keys";
+/// Verified keys remembered at once.
+const MAX_CACHED: usize = 10_000;
+/// How often `last_used_at` is written back.
+const LAST_USED_FLUSH: Duration = Duration::from_secs(30);
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub key_id: KeyId,
+    pub tenant_id: String,
+    pub quota: Quota,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Missing, unknown, wrong, revoked or expired: one answer for all.
+    #[error("unauthorized")]
+    Unauthorized,
+    #[error("the key store is unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Other(anyhow::Error),
+}
+
+struct Verified {
+    digest: [u8; 32],
+    /// The hash it was verified against: unchanged on re-read means no new argon2.
+    secret_hash: String,
+    principal: Principal,
+    expires_at: Option<DateTime<Utc>>,
+    revoked_at: Option<DateTime<Utc>>,
+    checked_at: Instant,
+    stale: bool,
+}
+
+impl Verified {
+    fn is_current(&self, ttl: Duration) -> bool {
+        !self.stale && self.checked_at.elapsed() < ttl
+    }
+
+    fn is_valid_at(&self, now: DateTime<Utc>) -> bool {
+        self.revoked_at.is_none_or(|t| t > now) && self.expires_at.is_none_or(|t| t > now)
+    }
+}
+
+pub struct Authenticator {
+    pool: PgPool,
+    default_quota: Quota,
+    ttl: Duration,
+    cache: Mutex<HashMap<KeyId, Verified>>,
+    last_used: Mutex<HashMap<KeyId, DateTime<Utc>>>,
+    argon2_verifications: AtomicU64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Compares digests without an early exit.
+fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Authenticator {
+    pub fn new(pool: PgPool, default_quota: Quota, ttl: Duration) -> Self {
+        Self {
+            pool,
+            default_quota,
+            ttl,
+            cache: Mutex::new(HashMap::new()),
+            last_used: Mutex::new(HashMap::new()),
+            argon2_verifications: AtomicU64::new(0),
+        }
+    }
+
+    /// How many argon2 verifications ran since start (a metric: it should stay near the
+    /// number of distinct keys in use).
+    pub fn argon2_verifications(&self) -> u64 {
+        self.argon2_verifications.load(Ordering::Relaxed)
+    }
+
+    /// Whether this key is already verified and current: such requests skip the per-address
+    /// limit on unverified attempts.
+    pub fn is_recognised(&self, presented: &str) -> bool {
+        let id = KeyId::of(presented);
+        let digest = digest(presented);
+        let cache = lock(&self.cache);
+        cache.get(&id).is_some_and(|v| {
+            v.is_current(self.ttl) && same_digest(&v.digest, &digest) && v.is_valid_at(Utc::now())
+        })
+    }
+
+    pub async fn authenticate(&self, presented: &str) -> Result<Principal, AuthError> {
+        let id = KeyId::of(presented);
+        let digest = digest(presented);
+        let now = Utc::now();
+
+        let known_hash = {
+            let cache = lock(&self.cache);
+            match cache.get(&id) {
+                Some(v) if same_digest(&v.digest, &digest) => {
+                    if v.is_current(self.ttl) {
+                        return if v.is_valid_at(now) {
+                            let principal = v.principal.clone();
+                            drop(cache);
+                            lock(&self.last_used).insert(id, now);
+                            Ok(principal)
+                        } else {
+                            Err(AuthError::Unauthorized)
+                        };
+                    }
+                    Some(v.secret_hash.clone())
+                }
+                _ => None,
+            }
+        };
+
+        let row = repository::fetch(&self.pool, &id).await.map_err(|e| {
+            if crate::store::is_unavailable(&e) {
+                AuthError::Unavailable(e.to_string())
+            } else {
+                AuthError::Other(e.into())
+            }
+        })?;
+        let already_verified = matches!((&row, &known_hash), (Some(r), Some(h)) if &r.secret_hash == h);
+        if !already_verified && !self.verify(presented, row.as_ref().map(|r| r.secret_hash.clone())).await? {
+            return Err(AuthError::Unauthorized);
+        }
+        let Some(row) = row else {
+            return Err(AuthError::Unauthorized);
+        };
+        let principal = self.remember(&id, digest, &row);
+        if !row.is_valid_at(now) {
+            return Err(AuthError::Unauthorized);
+        }
+        lock(&self.last_used).insert(id, now);
+        Ok(principal)
+    }
+
+    async fn verify(&self, presented: &str, secret_hash: Option<String>) -> Result<bool, AuthError> {
+        self.argon2_verifications.fetch_add(1, Ordering::Relaxed);
+        let presented = presented.to_owned();
+        tokio::task::spawn_blocking(move || verify_key(&presented, secret_hash.as_deref()))
+            .await
+            .map_err(|e| AuthError::Other(anyhow::anyhow!("argon2 task failed: {e}")))
+    }
+
+    fn remember(&self, id: &KeyId, digest: [u8; 32], row: &KeyRow) -> Principal {
+        let principal = Principal {
+            key_id: id.clone(),
+            tenant_id: row.tenant_id.clone(),
+            quota: row.quota_override().unwrap_or(self.default_quota),
+        };
+        let mut cache = lock(&self.cache);
+        if cache.len() >= MAX_CACHED && !cache.contains_key(id) {
+            cache.retain(|_, v| v.is_current(self.ttl));
+            if cache.len() >= MAX_CACHED {
+                cache.clear();
+            }
+        }
+        cache.insert(
+            id.clone(),
+            Verified {
+                digest,
+                secret_hash: row.secret_hash.clone(),
+                principal: principal.clone(),
+                expires_at: row.expires_at,
+                revoked_at: row.revoked_at,
+                checked_at: Instant::now(),
+                stale: false,
+            },
+        );
+        principal
+    }
+
+    fn mark_stale(&self, id: Option<&KeyId>) {
+        let mut cache = lock(&self.cache);
+        match id {
+            Some(id) => {
+                if let Some(v) = cache.get_mut(id) {
+                    v.stale = true;
+                }
+            }
+            None => cache.values_mut().for_each(|v| v.stale = true),
+        }
+    }
+
+    /// Follows key changes announced by Postgres, for as long as the server runs. Whenever the
+    /// connection drops, notifications may have been missed, so every cached key is re-read.
+    pub async fn follow_key_changes(self: Arc<Self>) {
+        loop {
+            let mut listener = match PgListener::connect_with(&self.pool).await {
+                Ok(listener) => listener,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for API key changes; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if let Err(e) = listener.listen(CHANNEL).await {
+                tracing::warn!(error = %e, "cannot listen for API key changes; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            // Changes made while nobody listened are unknown.
+            self.mark_stale(None);
+            loop {
+                match listener.try_recv().await {
+                    Ok(Some(notification)) => {
+                        self.mark_stale(KeyId::parse(notification.payload()).as_ref());
+                    }
+                    Ok(None) => {
+                        self.mark_stale(None);
+                        tracing::warn!("lost the API key change feed; reconnecting");
+                        break;
+                    }
+                    Err(e) => {
+                        self.mark_stale(None);
+                        tracing::warn!(error = %e, "lost the API key change feed; reconnecting");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes `last_used_at` back now and then, instead of once per request.
+    pub async fn flush_last_used_periodically(self: Arc<Self>) {
+        let mut ticker = tokio::time::interval(LAST_USED_FLUSH);
+        loop {
+            ticker.tick().await;
+            self.flush_last_used().await;
+        }
+    }
+
+    pub async fn flush_last_used(&self) {
+        let used: Vec<(KeyId, DateTime<Utc>)> = lock(&self.last_used).drain().collect();
+        if let Err(e) = repository::record_last_used(&self.pool, &used).await {
+            tracing::warn!(error = %e, keys = used.len(), "cannot record when keys were last used");
+        }
+    }
+}
