@@ -40,21 +40,20 @@ CREATE TRIGGER api_keys_changed
     OR DELETE ON api_keys
     FOR EACH ROW EXECUTE FUNCTION notify_api_key_change();
 
+-- Conversation ids are global: using another tenant's or user's id answers 404.
 CREATE TABLE conversations (
+    id          TEXT PRIMARY KEY,
     tenant_id   TEXT NOT NULL REFERENCES tenants (id),
-    id          TEXT NOT NULL,
     user_id     TEXT NOT NULL,
     -- The seq of its newest message; bumped in the same statement that inserts one.
     last_seq    BIGINT NOT NULL,
     created_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
-    updated_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
-    PRIMARY KEY (tenant_id, id)
+    updated_at  TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX conversations_by_user ON conversations (tenant_id, user_id, updated_at DESC, id DESC);
 
 CREATE TABLE messages (
-    tenant_id          TEXT NOT NULL,
-    conversation_id    TEXT NOT NULL,
+    conversation_id    TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
     seq                BIGINT NOT NULL,
     id                 TEXT NOT NULL UNIQUE,
     role               TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
@@ -67,8 +66,7 @@ CREATE TABLE messages (
     cost_usd           DOUBLE PRECISION,
     -- Which key wrote it (NULL for messages written without one).
     api_key_id         TEXT,
-    PRIMARY KEY (tenant_id, conversation_id, seq),
-    FOREIGN KEY (tenant_id, conversation_id) REFERENCES conversations (tenant_id, id) ON DELETE CASCADE
+    PRIMARY KEY (conversation_id, seq)
 );
 
 -- One row per answered request: the accounting outlives the conversation (no message text).

@@ -171,7 +171,9 @@ impl Settings {
     }
 
     fn parse(mode: Mode, raw: Raw, home: Option<&str>) -> Result<Self, ConfigError> {
-        let database_url = non_empty(raw.database_url).map(parse_database_url).transpose()?;
+        let database_url = non_empty(raw.database_url)
+            .map(parse_database_url)
+            .transpose()?;
         if mode == Mode::Cloud && database_url.is_none() {
             return Err(ConfigError::new(
                 "DATABASE_URL",
@@ -311,10 +313,12 @@ fn parse_api_key(value: String) -> Result<SecretString, ConfigError> {
 }
 
 fn parse_count(variable: &str, value: &str) -> Result<NonZeroU32, ConfigError> {
-    value
-        .trim()
-        .parse::<NonZeroU32>()
-        .map_err(|_| ConfigError::new(variable, format!("{value:?} is not a positive whole number")))
+    value.trim().parse::<NonZeroU32>().map_err(|_| {
+        ConfigError::new(
+            variable,
+            format!("{value:?} is not a positive whole number"),
+        )
+    })
 }
 
 fn parse_port(variable: &str, value: &str) -> Result<u16, ConfigError> {
@@ -500,7 +504,10 @@ mod tests {
         assert_eq!(settings.port, PortChoice::Fixed(8000));
         assert_eq!(settings.rate_limit.requests.get(), 5);
         assert_eq!(settings.rate_limit.window, Duration::from_secs(10));
-        assert_eq!(settings.api_key.as_ref().unwrap().expose_secret(), "sk_your_key_here");
+        assert_eq!(
+            settings.api_key.as_ref().unwrap().expose_secret(),
+            "sk_your_key_here"
+        );
     }
 
     #[test]
@@ -512,7 +519,10 @@ mod tests {
         ])
         .unwrap();
         let debug = format!("{settings:?}");
-        assert!(!debug.contains("hunter2") && !debug.contains("sk_very_secret_value"), "{debug}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("sk_very_secret_value"),
+            "{debug}"
+        );
         let err = load(&[("MAESTRA_API_KEY", "tiny secret")]).unwrap_err();
         assert!(!err.to_string().contains("tiny secret"));
         let err = load(&[("DATABASE_URL", "mysql://root:hunter2@db")]).unwrap_err();

@@ -28,7 +28,9 @@ pub async fn connect(url: &SecretString, max_connections: u32) -> anyhow::Result
         .connect_lazy_with(options);
     tokio::time::timeout(CONNECT_TIMEOUT, sqlx::query("SELECT 1").execute(&pool))
         .await
-        .map_err(|_| anyhow!("DATABASE_URL: the database did not answer within {CONNECT_TIMEOUT:?}"))?
+        .map_err(|_| {
+            anyhow!("DATABASE_URL: the database did not answer within {CONNECT_TIMEOUT:?}")
+        })?
         .map_err(|e| anyhow!("DATABASE_URL: cannot reach the database: {e}"))?;
     Ok(pool)
 }

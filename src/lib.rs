@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod commands;
 pub mod config;
 pub mod db;
 pub mod domain;

@@ -3,9 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use maestra::config::Settings;
-use maestra::startup::Application;
-use maestra::telemetry;
+use maestra::commands::{self, keys::KeysCommand};
 
 /// Maestra Backend: one HTTP service behind the IDE, browser, CLI and mobile surfaces.
 #[derive(Parser)]
@@ -17,15 +15,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the HTTP service. The mode comes from MAESTRA_MODE (default: local, on
-    /// 127.0.0.1, the first free port of 8825-8829, data in ~/.8825).
+    /// Run the HTTP service. The mode comes from MAESTRA_MODE: local (default: 127.0.0.1, the
+    /// first free port of 8825-8829, data in ~/.8825) or cloud (0.0.0.0:8000, Postgres at
+    /// DATABASE_URL, API keys required).
     Serve,
+    /// Apply the database migrations to DATABASE_URL (cloud mode's `serve` also does).
+    Migrate,
+    /// Manage cloud API keys in the database at DATABASE_URL.
+    #[command(subcommand)]
+    Keys(KeysCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve => serve(),
+        Command::Serve => commands::serve::run(),
+        Command::Migrate => commands::migrate::run(),
+        Command::Keys(command) => commands::keys::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -34,20 +40,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn serve() -> anyhow::Result<()> {
-    let settings = Settings::load()?;
-    telemetry::init(&settings.log)?;
-    telemetry::log_panics();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(async {
-            let app = Application::build(settings).await?;
-            app.run_until_stopped().await?;
-            Ok(())
-        })
 }
 
 #[cfg(test)]

@@ -38,12 +38,8 @@ pub enum Decision {
     Limited { limit: u32, retry_after: Duration },
 }
 
-type KeyedLimiter = RateLimiter<
-    KeyId,
-    DefaultKeyedStateStore<KeyId>,
-    DefaultClock,
-    StateInformationMiddleware,
->;
+type KeyedLimiter =
+    RateLimiter<KeyId, DefaultKeyedStateStore<KeyId>, DefaultClock, StateInformationMiddleware>;
 
 #[derive(Default)]
 pub struct KeyRateLimiter {
@@ -74,7 +70,9 @@ impl KeyRateLimiter {
         drop(read);
         let mut write = self.by_quota.write().unwrap_or_else(|e| e.into_inner());
         Arc::clone(write.entry(quota).or_insert_with(|| {
-            Arc::new(RateLimiter::keyed(quota.gcra()).with_middleware::<StateInformationMiddleware>())
+            Arc::new(
+                RateLimiter::keyed(quota.gcra()).with_middleware::<StateInformationMiddleware>(),
+            )
         }))
     }
 }
@@ -83,7 +81,6 @@ impl KeyRateLimiter {
 pub fn retry_after_seconds(wait: Duration) -> u64 {
     wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -103,7 +100,10 @@ mod tests {
         for n in 1..=5 {
             assert_eq!(
                 limiter.check(&key, quota(5, 60)),
-                Decision::Allowed { limit: 5, remaining: 5 - n }
+                Decision::Allowed {
+                    limit: 5,
+                    remaining: 5 - n
+                }
             );
         }
         match limiter.check(&key, quota(5, 60)) {
@@ -120,9 +120,18 @@ mod tests {
     fn keys_do_not_share_their_budget() {
         let limiter = KeyRateLimiter::default();
         let (a, b) = (KeyId::of("a"), KeyId::of("b"));
-        assert!(matches!(limiter.check(&a, quota(1, 60)), Decision::Allowed { .. }));
-        assert!(matches!(limiter.check(&a, quota(1, 60)), Decision::Limited { .. }));
-        assert!(matches!(limiter.check(&b, quota(1, 60)), Decision::Allowed { .. }));
+        assert!(matches!(
+            limiter.check(&a, quota(1, 60)),
+            Decision::Allowed { .. }
+        ));
+        assert!(matches!(
+            limiter.check(&a, quota(1, 60)),
+            Decision::Limited { .. }
+        ));
+        assert!(matches!(
+            limiter.check(&b, quota(1, 60)),
+            Decision::Allowed { .. }
+        ));
     }
 
     #[test]

@@ -113,7 +113,11 @@ impl Application {
     }
 
     async fn build_cloud(settings: Settings) -> anyhow::Result<Self> {
-        let pool = db::connect(settings.require_database_url()?, settings.db_max_connections).await?;
+        let pool = db::connect(
+            settings.require_database_url()?,
+            settings.db_max_connections,
+        )
+        .await?;
         db::migrate(&pool).await?;
         if let Some(key) = &settings.api_key {
             let id = repository::ensure_bootstrap(&pool, key).await?;
@@ -145,7 +149,12 @@ impl Application {
             .finish()
             .context("invalid limit on unverified keys")?;
         let state = app_state(service, &settings, None);
-        let server = serve(listener, state, &settings, Some((gate, Arc::clone(&authenticator))))?;
+        let server = serve(
+            listener,
+            state,
+            &settings,
+            Some((gate, Arc::clone(&authenticator))),
+        )?;
         tracing::info!(
             mode = settings.mode.as_str(),
             address = %SocketAddr::new(settings.host, port),
@@ -201,15 +210,16 @@ fn serve(
     let (gate, authenticator) = cloud.unzip();
     let authenticator = authenticator.map(web::Data::from);
     let server = HttpServer::new(move || {
-        let mut app = App::new()
-            .app_data(state.clone())
-            .app_data(limiter.clone());
+        let mut app = App::new().app_data(state.clone()).app_data(limiter.clone());
         if let Some(authenticator) = &authenticator {
             app = app.app_data(authenticator.clone());
         }
         app.configure(|cfg| api::configure(cfg, max_message_bytes, gate.as_ref()))
             .wrap(api::cors(&cors_origins))
-            .wrap(Condition::new(local, from_fn(middleware::loopback_host_only)))
+            .wrap(Condition::new(
+                local,
+                from_fn(middleware::loopback_host_only),
+            ))
             .wrap(from_fn(middleware::request_context))
     })
     .shutdown_timeout(SHUTDOWN_GRACE_SECONDS)

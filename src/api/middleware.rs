@@ -30,6 +30,8 @@ pub async fn request_context(
         http.route = tracing::field::Empty,
         http.status_code = tracing::field::Empty,
         request.id = %id,
+        tenant.id = tracing::field::Empty,
+        key.id = tracing::field::Empty,
     );
 
     let handled = async {

@@ -146,8 +146,13 @@ impl Authenticator {
                 AuthError::Other(e.into())
             }
         })?;
-        let already_verified = matches!((&row, &known_hash), (Some(r), Some(h)) if &r.secret_hash == h);
-        if !already_verified && !self.verify(presented, row.as_ref().map(|r| r.secret_hash.clone())).await? {
+        let already_verified =
+            matches!((&row, &known_hash), (Some(r), Some(h)) if &r.secret_hash == h);
+        if !already_verified
+            && !self
+                .verify(presented, row.as_ref().map(|r| r.secret_hash.clone()))
+                .await?
+        {
             return Err(AuthError::Unauthorized);
         }
         let Some(row) = row else {
@@ -161,7 +166,11 @@ impl Authenticator {
         Ok(principal)
     }
 
-    async fn verify(&self, presented: &str, secret_hash: Option<String>) -> Result<bool, AuthError> {
+    async fn verify(
+        &self,
+        presented: &str,
+        secret_hash: Option<String>,
+    ) -> Result<bool, AuthError> {
         self.argon2_verifications.fetch_add(1, Ordering::Relaxed);
         let presented = presented.to_owned();
         tokio::task::spawn_blocking(move || verify_key(&presented, secret_hash.as_deref()))

@@ -33,7 +33,10 @@ impl KeyId {
     pub fn parse(text: &str) -> Option<KeyId> {
         let text = text.trim().strip_prefix(PREFIX).unwrap_or(text.trim());
         let valid_len = text.len() == ID_BYTES * 2 || (text.len() == 16 && text.starts_with('x'));
-        let hex_body = text.trim_start_matches('x').bytes().all(|b| b.is_ascii_hexdigit());
+        let hex_body = text
+            .trim_start_matches('x')
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit());
         (valid_len && hex_body).then(|| KeyId(text.to_ascii_lowercase()))
     }
 
@@ -57,7 +60,10 @@ impl fmt::Debug for KeyId {
 fn embedded_id(presented: &str) -> Option<&str> {
     let rest = presented.strip_prefix(PREFIX)?;
     let (id, secret) = rest.split_once('_')?;
-    let is_hex = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+    let is_hex = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    };
     (id.len() == ID_BYTES * 2 && secret.len() == SECRET_BYTES * 2 && is_hex(id) && is_hex(secret))
         .then_some(id)
 }

@@ -54,10 +54,14 @@ pub async fn require_api_key(
         }
         Err(AuthError::Unavailable(reason)) => {
             tracing::warn!(%reason, "key store unavailable");
-            let error = ApiError::StorageUnavailable("the key store is unavailable; try again shortly".to_owned());
+            let error = ApiError::StorageUnavailable(
+                "the key store is unavailable; try again shortly".to_owned(),
+            );
             return Ok(req.into_response(error.error_response()));
         }
-        Err(AuthError::Other(e)) => return Ok(req.into_response(ApiError::Internal(e).error_response())),
+        Err(AuthError::Other(e)) => {
+            return Ok(req.into_response(ApiError::Internal(e).error_response()));
+        }
     };
     tracing::Span::current().record("tenant.id", principal.tenant_id.as_str());
     tracing::Span::current().record("key.id", principal.key_id.as_str());
@@ -93,7 +97,11 @@ fn unauthorized() -> HttpResponse {
 
 fn set_limit_headers(headers: &mut HeaderMap, limit: u32, remaining: u32) {
     insert_header(headers, HeaderName::from_static("x-ratelimit-limit"), limit);
-    insert_header(headers, HeaderName::from_static("x-ratelimit-remaining"), remaining);
+    insert_header(
+        headers,
+        HeaderName::from_static("x-ratelimit-remaining"),
+        remaining,
+    );
 }
 
 fn insert_header(headers: &mut HeaderMap, name: HeaderName, value: impl Into<u64>) {

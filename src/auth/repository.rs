@@ -50,7 +50,10 @@ impl KeyRow {
         match (self.revoked_at, self.expires_at) {
             (Some(t), _) if t <= now => "revoked".to_owned(),
             (_, Some(t)) if t <= now => "expired".to_owned(),
-            (Some(t), _) => format!("rotating (valid until {})", t.format("%Y-%m-%d %H:%M:%S UTC")),
+            (Some(t), _) => format!(
+                "rotating (valid until {})",
+                t.format("%Y-%m-%d %H:%M:%S UTC")
+            ),
             _ => "active".to_owned(),
         }
     }
@@ -107,7 +110,10 @@ async fn insert(
     Ok((id, key))
 }
 
-async fn ensure_tenant(tx: &mut Transaction<'_, Postgres>, tenant: &str) -> Result<(), sqlx::Error> {
+async fn ensure_tenant(
+    tx: &mut Transaction<'_, Postgres>,
+    tenant: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO tenants (id) VALUES ($1) ON CONFLICT DO NOTHING")
         .bind(tenant)
         .execute(&mut **tx)
@@ -146,17 +152,25 @@ pub async fn revoke(pool: &PgPool, id: &KeyId) -> anyhow::Result<KeyRow> {
 /// Issues a replacement with the same tenant, label, quota and expiry; the old key keeps
 /// working for `grace`. One transaction: a failed rotation changes nothing, so it can simply
 /// be run again.
-pub async fn rotate(pool: &PgPool, id: &KeyId, grace: Duration) -> anyhow::Result<(KeyId, SecretString, DateTime<Utc>)> {
+pub async fn rotate(
+    pool: &PgPool,
+    id: &KeyId,
+    grace: Duration,
+) -> anyhow::Result<(KeyId, SecretString, DateTime<Utc>)> {
     let mut tx = pool.begin().await?;
-    let old: Option<KeyRow> =
-        sqlx::query_as(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1 FOR UPDATE"))
-            .bind(id.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
+    let old: Option<KeyRow> = sqlx::query_as(&format!(
+        "SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id.as_str())
+    .fetch_optional(&mut *tx)
+    .await?;
     let old = old.with_context(|| format!("no key with id {id}"))?;
     let now = Utc::now();
     if !old.is_valid_at(now) {
-        bail!("key {id} is {}; create a new key instead", old.state_at(now));
+        bail!(
+            "key {id} is {}; create a new key instead",
+            old.state_at(now)
+        );
     }
     let new = NewKey {
         tenant: old.tenant_id.clone(),
@@ -186,10 +200,11 @@ pub async fn ensure_bootstrap(pool: &PgPool, key: &SecretString) -> anyhow::Resu
     let id = KeyId::of(key.expose_secret());
     let mut tx = pool.begin().await?;
     ensure_tenant(&mut tx, DEFAULT_TENANT).await?;
-    let existing: Option<(bool,)> = sqlx::query_as("SELECT revoked_at IS NULL FROM api_keys WHERE id = $1")
-        .bind(id.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
+    let existing: Option<(bool,)> =
+        sqlx::query_as("SELECT revoked_at IS NULL FROM api_keys WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
     match existing {
         Some((true,)) => {}
         Some((false,)) => {
@@ -220,7 +235,10 @@ pub async fn ensure_bootstrap(pool: &PgPool, key: &SecretString) -> anyhow::Resu
 }
 
 /// Records when keys were last used, in one statement for many keys.
-pub async fn record_last_used(pool: &PgPool, used: &[(KeyId, DateTime<Utc>)]) -> Result<(), sqlx::Error> {
+pub async fn record_last_used(
+    pool: &PgPool,
+    used: &[(KeyId, DateTime<Utc>)],
+) -> Result<(), sqlx::Error> {
     if used.is_empty() {
         return Ok(());
     }

@@ -81,6 +81,10 @@ id_type!(
     UserId, "user_id", is_name_char, "A-Z a-z 0-9 . _ @ -"
 );
 id_type!(
+    /// A cloud-mode customer: its keys, conversations and usage are its own.
+    TenantId, "tenant", is_name_char, "A-Z a-z 0-9 . _ @ -"
+);
+id_type!(
     /// Which client wrote a message: `windsurf`, `browser_ext`, `cli`, `mobile`, ...
     SurfaceId, "surface_id", is_name_char, "A-Z a-z 0-9 . _ @ -"
 );

@@ -3,7 +3,7 @@
 mod ids;
 mod message;
 
-pub use ids::{ConversationId, SurfaceId, UserId};
+pub use ids::{ConversationId, SurfaceId, TenantId, UserId};
 pub use message::{Message, MessageText, MessageTextError, NewMessage, Role, Usage};
 
 /// Why a piece of input was refused; `field` names it so the client knows what to fix.

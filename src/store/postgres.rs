@@ -24,8 +24,7 @@ impl PgStore {
     }
 }
 
-const MESSAGE_COLUMNS: &str =
-    "m.id, m.seq, m.role, m.surface_id, m.content, m.created_at, m.model, \
+const MESSAGE_COLUMNS: &str = "m.id, m.seq, m.role, m.surface_id, m.content, m.created_at, m.model, \
      m.prompt_tokens, m.completion_tokens, m.cost_usd";
 
 impl<'r> FromRow<'r, PgRow> for Message {
@@ -84,9 +83,11 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
         | sqlx::Error::Protocol(_) => true,
         // Connection exceptions (08), insufficient resources (53), operator intervention (57:
         // shutdown, restart, cannot connect now).
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|code| ["08", "53", "57"].iter().any(|class| code.starts_with(class))),
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            ["08", "53", "57"]
+                .iter()
+                .any(|class| code.starts_with(class))
+        }),
         _ => false,
     }
 }
@@ -113,15 +114,15 @@ impl ConversationStore for PgStore {
             "WITH conversation AS (
                  INSERT INTO conversations AS c (tenant_id, id, user_id, last_seq)
                  VALUES ($1, $2, $3, 1)
-                 ON CONFLICT (tenant_id, id) DO UPDATE
+                 ON CONFLICT (id) DO UPDATE
                      SET last_seq = c.last_seq + 1, updated_at = now()
-                     WHERE c.user_id = EXCLUDED.user_id
+                     WHERE c.tenant_id = EXCLUDED.tenant_id AND c.user_id = EXCLUDED.user_id
                  RETURNING last_seq
              ), message AS (
-                 INSERT INTO messages (tenant_id, conversation_id, seq, id, role, surface_id,
+                 INSERT INTO messages (conversation_id, seq, id, role, surface_id,
                      content, created_at, model, prompt_tokens, completion_tokens, cost_usd,
                      api_key_id)
-                 SELECT $1, $2, last_seq, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13
+                 SELECT $2, last_seq, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13
                  FROM conversation
                  RETURNING seq
              ), usage_row AS (
@@ -161,7 +162,7 @@ impl ConversationStore for PgStore {
     ) -> Result<Vec<Message>, StoreError> {
         let mut messages: Vec<Message> = sqlx::query_as(&format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages m
-             JOIN conversations c ON c.tenant_id = m.tenant_id AND c.id = m.conversation_id
+             JOIN conversations c ON c.id = m.conversation_id
              WHERE c.tenant_id = $1 AND c.id = $2 AND c.user_id = $3
              ORDER BY m.seq DESC LIMIT $4"
         ))
@@ -187,21 +188,22 @@ impl ConversationStore for PgStore {
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let exists = sqlx::query("SELECT 1 FROM conversations WHERE tenant_id = $1 AND id = $2 AND user_id = $3")
-            .bind(&owner.tenant)
-            .bind(conversation.as_str())
-            .bind(owner.user_id.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
+        let exists = sqlx::query(
+            "SELECT 1 FROM conversations WHERE tenant_id = $1 AND id = $2 AND user_id = $3",
+        )
+        .bind(&owner.tenant)
+        .bind(conversation.as_str())
+        .bind(owner.user_id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
         if exists.is_none() {
             return Err(StoreError::NotFound);
         }
         let messages = sqlx::query_as(&format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages m
-             WHERE m.tenant_id = $1 AND m.conversation_id = $2 AND m.seq > $3
-             ORDER BY m.seq LIMIT $4"
+             WHERE m.conversation_id = $1 AND m.seq > $2
+             ORDER BY m.seq LIMIT $3"
         ))
-        .bind(&owner.tenant)
         .bind(conversation.as_str())
         .bind(after_seq)
         .bind(limit as i64)

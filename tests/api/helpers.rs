@@ -183,3 +183,150 @@ pub fn maestra_command(data_dir: &Path, vars: &[(&str, &str)]) -> Command {
         .stderr(Stdio::null());
     command
 }
+
+/// The URL of the database a `#[sqlx::test]` made for this test.
+pub fn database_url(connect: &sqlx::postgres::PgConnectOptions) -> String {
+    let base = std::env::var("DATABASE_URL")
+        .expect("DATABASE_URL must point at Postgres for the cloud tests (bash .ci/run sets it)");
+    let server = base.split('?').next().unwrap().rsplit_once('/').unwrap().0;
+    format!("{server}/{}", connect.get_database().unwrap())
+}
+
+/// A cloud-mode server on a random port, with its own fresh database.
+pub struct CloudApp {
+    pub app: TestApp,
+    /// `MAESTRA_API_KEY`, ensured by the server at start.
+    pub api_key: String,
+    pub database_url: String,
+    pub pool: sqlx::PgPool,
+}
+
+pub const TEST_API_KEY: &str = "sk_test_key_0123456789";
+
+pub async fn spawn_cloud_app(
+    connect: &sqlx::postgres::PgConnectOptions,
+    vars: &[(&str, &str)],
+) -> CloudApp {
+    let url = database_url(connect);
+    spawn_cloud_app_at(&url, &url, vars).await
+}
+
+/// A cloud-mode server whose database connection goes through `server_url` (e.g. a proxy),
+/// while the test itself uses `direct_url`.
+pub async fn spawn_cloud_app_at(
+    server_url: &str,
+    direct_url: &str,
+    vars: &[(&str, &str)],
+) -> CloudApp {
+    let mut all = vec![
+        ("MAESTRA_MODE", "cloud"),
+        ("MAESTRA_HOST", "127.0.0.1"),
+        ("DATABASE_URL", server_url),
+        ("MAESTRA_API_KEY", TEST_API_KEY),
+    ];
+    all.extend_from_slice(vars);
+    let app = spawn_app_with(&all).await;
+    let api_key = all
+        .iter()
+        .rev()
+        .find(|(k, _)| *k == "MAESTRA_API_KEY")
+        .unwrap()
+        .1
+        .to_owned();
+    CloudApp {
+        app,
+        api_key,
+        database_url: direct_url.to_owned(),
+        pool: sqlx::PgPool::connect(direct_url).await.unwrap(),
+    }
+}
+
+impl CloudApp {
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let request = self
+            .app
+            .client
+            .request(method, format!("{}{path}", self.app.address));
+        match key {
+            Some(key) => request.header("X-API-Key", key),
+            None => request,
+        }
+    }
+
+    pub async fn core(&self, key: &str, body: &Value) -> reqwest::Response {
+        self.request(reqwest::Method::POST, "/api/maestra/core", Some(key))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Creates a key the way `maestra keys create` does, returning (id, key).
+    pub async fn create_key(&self, tenant: &str, quota: Option<(u32, u64)>) -> (String, String) {
+        use secrecy::ExposeSecret;
+        let new = maestra::auth::repository::NewKey {
+            tenant: tenant.to_owned(),
+            label: None,
+            quota: quota.map(|(requests, seconds)| maestra::ratelimit::Quota {
+                requests: std::num::NonZeroU32::new(requests).unwrap(),
+                window: Duration::from_secs(seconds),
+            }),
+            expires_at: None,
+        };
+        let (id, key) = maestra::auth::repository::create(&self.pool, &new)
+            .await
+            .unwrap();
+        (id.to_string(), key.expose_secret().to_owned())
+    }
+}
+
+/// A TCP forwarder in front of Postgres that a test can cut and restore, to see the server
+/// lose its database and get it back.
+pub struct TcpProxy {
+    pub port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: &str) -> TcpProxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let links = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (accept_up, accept_links, target) = (up.clone(), links.clone(), target.to_owned());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !accept_up.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection closes at once
+                }
+                let target = target.clone();
+                let link = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                accept_links.lock().unwrap().push(link.abort_handle());
+            }
+        });
+        TcpProxy { port, up, links }
+    }
+
+    /// Cuts every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}

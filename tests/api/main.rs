@@ -6,6 +6,7 @@
 )]
 
 mod bad_input;
+mod cloud;
 mod conversations;
 mod core;
 mod health;

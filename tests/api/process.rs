@@ -275,3 +275,168 @@ async fn sigterm_stops_the_server_cleanly_and_restarting_keeps_everything() {
     let messages = all_messages(&client, &server, "conv_keep").await;
     assert_eq!(messages.len(), 6);
 }
+
+/// `maestra` with DATABASE_URL, capturing its output.
+fn maestra_db(url: &str, args: &[&str]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    maestra_command(dir.path(), &[("DATABASE_URL", url)])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[sqlx::test(migrations = false)]
+async fn operators_manage_keys_from_the_command_line(
+    _: sqlx::postgres::PgPoolOptions,
+    db: sqlx::postgres::PgConnectOptions,
+) {
+    let url = crate::helpers::database_url(&db);
+    let created = maestra_db(
+        &url,
+        &[
+            "keys",
+            "create",
+            "--tenant",
+            "acme",
+            "--label",
+            "mobile",
+            "--rate-limit",
+            "10/60",
+            "--expires-in",
+            "30d",
+        ],
+    );
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let key = text(&created.stdout).trim().to_owned();
+    assert!(key.starts_with("mk_"), "the key alone on stdout: {key:?}");
+    let id = key[3..15].to_owned();
+    assert!(text(&created.stderr).contains(&id));
+
+    let listed = maestra_db(&url, &["keys", "list", "--tenant", "acme"]);
+    assert!(listed.status.success());
+    let listing = text(&listed.stdout);
+    for expected in [id.as_str(), "acme", "mobile", "10/60s", "active", "never"] {
+        assert!(
+            listing.contains(expected),
+            "{expected} missing from:\n{listing}"
+        );
+    }
+    assert!(!listing.contains(&key[16..]), "list never shows secrets");
+
+    let server = crate::helpers::spawn_cloud_app_at(&url, &url, &[]).await;
+    let works = server
+        .request(
+            reqwest::Method::GET,
+            "/api/maestra/conversations?user_id=ana",
+            Some(&key),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(works.status(), 200);
+    assert_eq!(works.headers()["x-ratelimit-limit"], "10");
+
+    let rotated = maestra_db(&url, &["keys", "rotate", &id, "--grace", "1h"]);
+    assert!(rotated.status.success(), "{}", text(&rotated.stderr));
+    let new_key = text(&rotated.stdout).trim().to_owned();
+    assert!(new_key.starts_with("mk_") && new_key != key);
+    let listing = text(&maestra_db(&url, &["keys", "list"]).stdout);
+    assert!(listing.contains("rotating (valid until"), "{listing}");
+
+    let revoked = maestra_db(&url, &["keys", "revoke", &new_key[3..15]]);
+    assert!(revoked.status.success(), "{}", text(&revoked.stderr));
+    let listing = text(&maestra_db(&url, &["keys", "list"]).stdout);
+    assert!(listing.contains("revoked"), "{listing}");
+}
+
+#[sqlx::test(migrations = false)]
+async fn key_commands_reject_bad_input_clearly(
+    _: sqlx::postgres::PgPoolOptions,
+    db: sqlx::postgres::PgConnectOptions,
+) {
+    let url = crate::helpers::database_url(&db);
+    let usage = [
+        vec!["keys", "create"],
+        vec!["keys", "create", "--tenant", "acme", "--rate-limit", "0/60"],
+        vec!["keys", "create", "--tenant", "acme", "--expires-in", "soon"],
+        vec!["keys", "rotate", "abc", "--grace", "forever"],
+    ];
+    for args in usage {
+        assert_eq!(maestra_db(&url, &args).status.code(), Some(2), "{args:?}");
+    }
+    let failures = [
+        (vec!["keys", "create", "--tenant", "a b"], "tenant"),
+        (vec!["keys", "revoke", "nonsense"], "not a key id"),
+        (vec!["keys", "revoke", "0123456789ab"], "no key with id"),
+        (vec!["keys", "rotate", "0123456789ab"], "no key with id"),
+    ];
+    for (args, says) in failures {
+        let output = maestra_db(&url, &args);
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        let stderr = text(&output.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn migrate_prepares_a_fresh_database(
+    _: sqlx::postgres::PgPoolOptions,
+    db: sqlx::postgres::PgConnectOptions,
+) {
+    let url = crate::helpers::database_url(&db);
+    let output = maestra_db(&url, &["migrate"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).contains("up to date"));
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name IN ('tenants', 'api_keys', 'conversations', 'messages', 'usage')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(tables, 5);
+    assert!(
+        maestra_db(&url, &["migrate"]).status.success(),
+        "running it again is harmless"
+    );
+}
+
+#[tokio::test]
+async fn cloud_mode_without_a_reachable_database_exits_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (vec![("MAESTRA_MODE", "cloud")], "DATABASE_URL: required"),
+        (
+            vec![
+                ("MAESTRA_MODE", "cloud"),
+                (
+                    "DATABASE_URL",
+                    "postgres://maestra:hunter2@127.0.0.1:1/maestra",
+                ),
+            ],
+            "DATABASE_URL: cannot reach the database",
+        ),
+    ];
+    for (vars, says) in cases {
+        let output = maestra_command(dir.path(), &vars)
+            .arg("serve")
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1));
+        let stderr = text(&output.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with(&format!("maestra: {says}")), "{stderr}");
+        assert!(
+            !stderr.contains("hunter2"),
+            "the password stays out of errors: {stderr}"
+        );
+    }
+}

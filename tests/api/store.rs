@@ -285,3 +285,17 @@ async fn a_damaged_line_inside_a_file_does_not_hide_the_messages_after_it() {
         4
     );
 }
+
+#[sqlx::test]
+async fn postgres_store_passes_the_store_suite(pool: sqlx::PgPool) {
+    sqlx::query("INSERT INTO tenants (id) VALUES ('t1'), ('t2')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let store = maestra::store::PgStore::new(pool);
+    suite::appends_are_numbered_and_read_back_in_order(&store).await;
+    suite::recent_returns_the_last_messages_oldest_first(&store).await;
+    suite::conversations_are_private_to_their_owner(&store).await;
+    suite::delete_removes_the_conversation(&store).await;
+    suite::concurrent_appends_get_distinct_seqs(Arc::new(store)).await;
+}

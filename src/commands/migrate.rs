@@ -1,0 +1,24 @@
+//! `maestra migrate`: applies `migrations/` to DATABASE_URL (`serve` in cloud mode does too).
+
+use crate::db;
+
+pub fn run() -> anyhow::Result<()> {
+    let settings = super::quiet_settings()?;
+    let url = settings.require_database_url()?.clone();
+    runtime()?.block_on(async {
+        let pool = db::connect(&url, 1).await?;
+        db::migrate(&pool).await?;
+        println!(
+            "database is up to date ({} migrations)",
+            db::MIGRATOR.iter().count()
+        );
+        Ok(())
+    })
+}
+
+/// A small runtime for one-shot commands.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
