@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_governor::GovernorConfigBuilder;
-use actix_web::dev::Server;
+use actix_web::dev::{Server, ServerHandle};
 use actix_web::middleware::{Condition, from_fn};
 use actix_web::{App, HttpServer, web};
 use anyhow::{Context, bail};
+use tokio::task::AbortHandle;
 
 use crate::api::{self, AppState, CloudGate, middleware};
 use crate::auth::Authenticator;
@@ -39,6 +40,19 @@ pub struct Application {
     _local: Option<LocalInstance>,
     /// Cloud mode: flushed once more at shutdown.
     authenticator: Option<Arc<Authenticator>>,
+    /// Work that lives as long as the server, stopped with it.
+    _background: BackgroundTasks,
+}
+
+/// Tasks that serve the server (e.g. following key changes); aborted when dropped.
+struct BackgroundTasks(Vec<AbortHandle>);
+
+impl Drop for BackgroundTasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 /// One server per data folder: the lock is held, and the port file kept, while it lives.
@@ -109,6 +123,7 @@ impl Application {
             server,
             _local: Some(local),
             authenticator: None,
+            _background: BackgroundTasks(Vec::new()),
         })
     }
 
@@ -129,8 +144,10 @@ impl Application {
             settings.rate_limit,
             settings.auth_cache_ttl,
         ));
-        tokio::spawn(Arc::clone(&authenticator).follow_key_changes());
-        tokio::spawn(Arc::clone(&authenticator).flush_last_used_periodically());
+        let background = BackgroundTasks(vec![
+            tokio::spawn(Arc::clone(&authenticator).follow_key_changes()).abort_handle(),
+            tokio::spawn(Arc::clone(&authenticator).flush_last_used_periodically()).abort_handle(),
+        ]);
 
         let service = ConversationService::new(
             Arc::new(PgStore::new(pool)),
@@ -165,11 +182,17 @@ impl Application {
             server,
             _local: None,
             authenticator: Some(authenticator),
+            _background: background,
         })
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Stops the server from elsewhere (tests; `serve` stops on SIGINT/SIGTERM).
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
     }
 
     /// Serves until SIGINT/SIGTERM, then lets in-flight requests finish.

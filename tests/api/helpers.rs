@@ -16,6 +16,16 @@ pub struct TestApp {
     pub address: String,
     pub data_dir: TempDir,
     pub client: reqwest::Client,
+    server: actix_web::dev::ServerHandle,
+    running: tokio::task::AbortHandle,
+}
+
+impl Drop for TestApp {
+    /// Stops the server with the test, so that it lets go of its database at once.
+    fn drop(&mut self) {
+        drop(self.server.stop(false));
+        self.running.abort();
+    }
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -35,11 +45,14 @@ pub async fn spawn_app_with(vars: &[(&str, &str)]) -> TestApp {
     let settings = Settings::load_from(env).unwrap();
     let app = Application::build(settings).await.unwrap();
     let address = format!("http://127.0.0.1:{}", app.port());
-    tokio::spawn(app.run_until_stopped());
+    let server = app.handle();
+    let running = tokio::spawn(app.run_until_stopped()).abort_handle();
     TestApp {
         address,
         data_dir,
         client: reqwest::Client::new(),
+        server,
+        running,
     }
 }
 
