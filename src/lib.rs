@@ -8,6 +8,7 @@ pub mod config;
 pub mod domain;
 pub mod responder;
 pub mod service;
+pub mod service_unit;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
