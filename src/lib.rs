@@ -4,6 +4,7 @@
 //! `store` (where conversations live) and `responder` (who writes the reply).
 
 pub mod api;
+pub mod commands;
 pub mod config;
 pub mod domain;
 pub mod responder;
