@@ -1,0 +1,11 @@
+//! Deployment, checked by the tools that consume it: the auto-start service file (parsed back,
+//! verified by systemd), and `maestra install`/`uninstall` through the real binary.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "a failed unwrap in a test is a failed assertion"
+)]
+
+mod helpers;
+mod install_command;
+mod service_file;
