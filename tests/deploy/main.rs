@@ -1,5 +1,6 @@
 //! Deployment, checked by the tools that consume it: the auto-start service file (parsed back,
-//! verified by systemd), and `maestra install`/`uninstall` through the real binary.
+//! verified by systemd), `maestra install`/`uninstall` through the real binary, and the
+//! container recipe.
 
 #![expect(
     clippy::unwrap_used,
@@ -8,4 +9,5 @@
 
 mod helpers;
 mod install_command;
+mod recipes;
 mod service_file;
