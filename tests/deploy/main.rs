@@ -1,6 +1,6 @@
 //! Deployment, checked by the tools that consume it: the auto-start service file (parsed back,
 //! verified by systemd), `maestra install`/`uninstall` through the real binary, and the
-//! container recipe.
+//! container and Replit recipes.
 
 #![expect(
     clippy::unwrap_used,

@@ -155,3 +155,32 @@ fn ci_runs_the_same_build_command_as_the_image() {
         ".ci/run runs `{BUILD}`"
     );
 }
+
+#[test]
+fn replit_builds_the_same_way_and_serves_cloud_mode_on_8000() {
+    let replit: toml::Table = read(".replit").parse().unwrap();
+    let deployment = replit["deployment"].as_table().unwrap();
+    let words = |value: &toml::Value| {
+        value
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w.as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(words(&deployment["build"]), BUILD);
+    let run = words(&deployment["run"]);
+    assert!(run.contains("target/release/maestra serve"), "{run}");
+    assert!(run.contains("MAESTRA_MODE=${MAESTRA_MODE:-cloud}"), "{run}");
+    assert!(run.contains("MAESTRA_PORT=${MAESTRA_PORT:-8000}"), "{run}");
+    let ports = replit["ports"].as_array().unwrap();
+    assert!(
+        ports
+            .iter()
+            .any(|p| p["localPort"].as_integer() == Some(8000)),
+        "{ports:?}"
+    );
+    let nix = read("replit.nix");
+    assert!(nix.contains("deps = ["), "{nix}");
+}
