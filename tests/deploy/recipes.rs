@@ -184,3 +184,17 @@ fn replit_builds_the_same_way_and_serves_cloud_mode_on_8000() {
     let nix = read("replit.nix");
     assert!(nix.contains("deps = ["), "{nix}");
 }
+
+#[test]
+fn the_install_script_is_valid_bash_and_builds_the_same_way() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("install_maestra_local.sh");
+    let status = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .status()
+        .unwrap();
+    assert!(status.success(), "bash -n {}", script.display());
+    let text = read("install_maestra_local.sh");
+    assert!(text.contains("set -euo pipefail"));
+    assert!(text.contains(BUILD));
+}
