@@ -12,6 +12,7 @@ pub mod domain;
 pub mod ratelimit;
 pub mod responder;
 pub mod service;
+pub mod service_unit;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

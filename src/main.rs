@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use maestra::commands::install::{InstallOpts, UninstallOpts};
 use maestra::commands::{self, keys::KeysCommand};
 
 /// Maestra Backend: one HTTP service behind the IDE, browser, CLI and mobile surfaces.
@@ -24,6 +25,12 @@ enum Command {
     /// Manage cloud API keys in the database at DATABASE_URL.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Start the local server at login, as a service: a LaunchAgent on macOS
+    /// (com.8825.maestra), a systemd user unit on Linux (maestra.service). Running it again
+    /// rewrites the file and restarts the service. Secrets are never written into the file.
+    Install(InstallOpts),
+    /// Stop the auto-start service and remove its file. Conversations and settings are kept.
+    Uninstall(UninstallOpts),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +39,8 @@ fn main() -> ExitCode {
         Command::Serve => commands::serve::run(),
         Command::Migrate => commands::migrate::run(),
         Command::Keys(command) => commands::keys::run(command),
+        Command::Install(opts) => commands::install::install(&opts),
+        Command::Uninstall(opts) => commands::install::uninstall(&opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,7 @@
-//! One module per `maestra` subcommand: its options and its `run`.
+//! One module per `maestra` subcommand: its options and its `run`; `main.rs` only parses and
+//! dispatches.
 
+pub mod install;
 pub mod keys;
 pub mod migrate;
 pub mod serve;
