@@ -135,7 +135,11 @@ struct Raw {
 impl Settings {
     /// Settings from the files and this process's environment.
     pub fn load() -> Result<Self, ConfigError> {
-        Self::load_from(std::env::vars().collect())
+        // vars() would panic on a variable that is not UTF-8; such a variable is not ours.
+        let vars = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .collect();
+        Self::load_from(vars)
     }
 
     /// Settings from the files and the given variables (tests pass their own).
