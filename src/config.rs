@@ -96,6 +96,10 @@ pub struct Settings {
     pub rate_limit: Quota,
     pub db_max_connections: u32,
     pub auth_cache_ttl: Duration,
+    /// Cloud mode: `/metrics` answers only `Authorization: Bearer <this>`; unset, it is off.
+    pub metrics_token: Option<SecretString>,
+    /// After SIGTERM, how long `/health/ready` says 503 before the server stops accepting.
+    pub drain: Duration,
 }
 
 impl Settings {
@@ -130,6 +134,8 @@ struct Raw {
     rate_limit_window: Option<String>,
     db_max_connections: Option<String>,
     auth_cache_ttl_seconds: Option<String>,
+    metrics_token: Option<String>,
+    drain_seconds: Option<String>,
 }
 
 impl Settings {
@@ -242,6 +248,21 @@ impl Settings {
                 )?
                 .get(),
             )),
+            metrics_token: non_empty(raw.metrics_token).map(SecretString::from),
+            drain: Duration::from_secs(
+                raw.drain_seconds
+                    .as_deref()
+                    .map(|v| {
+                        v.trim().parse::<u64>().map_err(|_| {
+                            ConfigError::new(
+                                "MAESTRA_DRAIN_SECONDS",
+                                format!("{v:?} is not a whole number of seconds"),
+                            )
+                        })
+                    })
+                    .transpose()?
+                    .unwrap_or(0),
+            ),
         })
     }
 }

@@ -9,6 +9,7 @@ pub mod commands;
 pub mod config;
 pub mod db;
 pub mod domain;
+pub mod metrics;
 pub mod ratelimit;
 pub mod responder;
 pub mod service;

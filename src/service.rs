@@ -5,8 +5,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
+use tracing::Instrument;
 
 use crate::domain::{ConversationId, MessageText, NewMessage, SurfaceId, Usage};
+use crate::metrics::Metrics;
 use crate::responder::{Prompt, Responder, ResponderError};
 use crate::store::{ConversationStore, Owner, StoreError};
 use crate::usage_log::{UsageLog, UsageRecord};
@@ -32,6 +34,8 @@ pub struct TurnOutcome {
     pub model: String,
     pub usage: Usage,
     pub created_at: DateTime<Utc>,
+    /// How long the responder took; the rest of the request is the backend's own overhead.
+    pub provider_time: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +56,7 @@ pub struct ConversationService {
     responder: Arc<dyn Responder>,
     usage_log: Option<UsageLog>,
     history_messages: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl ConversationService {
@@ -60,12 +65,14 @@ impl ConversationService {
         responder: Arc<dyn Responder>,
         usage_log: Option<UsageLog>,
         history_messages: usize,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             store,
             responder,
             usage_log,
             history_messages,
+            metrics,
         }
     }
 
@@ -96,15 +103,35 @@ impl ConversationService {
             conversation_id: &conversation_id,
             history: &history,
         };
+        let provider_started = Instant::now();
         let reply = self
             .responder
             .reply(prompt)
+            .instrument(tracing::info_span!("provider.reply"))
             .await
-            .map_err(|source| TurnError::Responder {
-                source,
-                conversation_id: conversation_id.clone(),
-                seq: stored.seq,
+            .map_err(|source| {
+                self.metrics
+                    .provider_errors
+                    .with_label_values(&[source.kind()])
+                    .inc();
+                TurnError::Responder {
+                    source,
+                    conversation_id: conversation_id.clone(),
+                    seq: stored.seq,
+                }
             })?;
+        let provider_time = provider_started.elapsed();
+        self.metrics
+            .provider_duration
+            .with_label_values(&[&reply.model])
+            .observe(provider_time.as_secs_f64());
+        self.metrics.record_usage(
+            &reply.model,
+            &turn.owner.tenant,
+            reply.usage.prompt_tokens,
+            reply.usage.completion_tokens,
+            reply.usage.cost_usd,
+        );
 
         let assistant = NewMessage::from_assistant(
             turn.surface_id.clone(),
@@ -143,6 +170,7 @@ impl ConversationService {
             model,
             usage: reply.usage,
             created_at: answer.created_at,
+            provider_time,
         })
     }
 }

@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use actix_governor::GovernorConfigBuilder;
@@ -14,6 +15,7 @@ use actix_web::dev::{Server, ServerHandle};
 use actix_web::middleware::{Condition, from_fn};
 use actix_web::{App, HttpServer, web};
 use anyhow::{Context, bail};
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::AbortHandle;
 
 use crate::api::{self, AppState, CloudGate, middleware};
@@ -22,10 +24,11 @@ use crate::auth::middleware::UnverifiedByAddress;
 use crate::auth::repository;
 use crate::config::{Mode, PortChoice, Settings};
 use crate::db;
+use crate::metrics::Metrics;
 use crate::ratelimit::KeyRateLimiter;
 use crate::responder::OfflineResponder;
 use crate::service::ConversationService;
-use crate::store::{FileStore, PgStore};
+use crate::store::{FileStore, MeasuredStore, PgStore};
 use crate::usage_log::UsageLog;
 
 /// The tenant of every local-mode conversation.
@@ -42,6 +45,9 @@ pub struct Application {
     authenticator: Option<Arc<Authenticator>>,
     /// Work that lives as long as the server, stopped with it.
     _background: BackgroundTasks,
+    /// Raised on SIGTERM/SIGINT; `/health/ready` then answers 503 for `drain`.
+    draining: Arc<AtomicBool>,
+    drain: Duration,
 }
 
 /// Tasks that serve the server (e.g. following key changes); aborted when dropped.
@@ -91,13 +97,15 @@ impl Application {
             .with_context(|| format!("cannot create the data folder {}", data_dir.display()))?;
         let lock = lock_data_dir(data_dir)?;
 
+        let metrics = Arc::new(Metrics::new(settings.mode.as_str())?);
         let store = FileStore::open(data_dir.join("conversations"), settings.history_messages)?;
         let usage_log = UsageLog::open(&data_dir.join("maestra_metrics.jsonl"))?;
         let service = ConversationService::new(
-            Arc::new(store),
+            Arc::new(MeasuredStore::new(Arc::new(store), Arc::clone(&metrics))),
             Arc::new(OfflineResponder),
             Some(usage_log),
             settings.history_messages,
+            Arc::clone(&metrics),
         );
 
         let listener = bind(settings.host, &settings.port)?;
@@ -111,7 +119,8 @@ impl Application {
         };
 
         let state = app_state(service, &settings, Some(LOCAL_TENANT.to_owned()));
-        let server = serve(listener, state, &settings, None)?;
+        let draining = Arc::clone(&state.draining);
+        let server = serve(listener, state, metrics, &settings, None)?;
         tracing::info!(
             mode = settings.mode.as_str(),
             address = %SocketAddr::new(settings.host, port),
@@ -124,6 +133,8 @@ impl Application {
             _local: Some(local),
             authenticator: None,
             _background: BackgroundTasks(Vec::new()),
+            draining,
+            drain: settings.drain,
         })
     }
 
@@ -139,10 +150,12 @@ impl Application {
             tracing::info!(key.id = %id, tenant.id = repository::DEFAULT_TENANT, "MAESTRA_API_KEY is a valid key");
         }
 
+        let metrics = Arc::new(Metrics::new(settings.mode.as_str())?);
         let authenticator = Arc::new(Authenticator::new(
             pool.clone(),
             settings.rate_limit,
             settings.auth_cache_ttl,
+            metrics.argon2_verifications.clone(),
         ));
         let background = BackgroundTasks(vec![
             tokio::spawn(Arc::clone(&authenticator).follow_key_changes()).abort_handle(),
@@ -150,25 +163,32 @@ impl Application {
         ]);
 
         let service = ConversationService::new(
-            Arc::new(PgStore::new(pool)),
+            Arc::new(MeasuredStore::new(
+                Arc::new(PgStore::new(pool)),
+                Arc::clone(&metrics),
+            )),
             Arc::new(OfflineResponder),
             None,
             settings.history_messages,
+            Arc::clone(&metrics),
         );
         let listener = bind(settings.host, &settings.port)?;
         let port = listener.local_addr()?.port();
         let gate = GovernorConfigBuilder::default()
             .key_extractor(UnverifiedByAddress {
                 auth: Arc::clone(&authenticator),
+                metrics: Arc::clone(&metrics),
             })
             .period(UNVERIFIED_PERIOD)
             .burst_size(UNVERIFIED_BURST)
             .finish()
             .context("invalid limit on unverified keys")?;
         let state = app_state(service, &settings, None);
+        let draining = Arc::clone(&state.draining);
         let server = serve(
             listener,
             state,
+            metrics,
             &settings,
             Some((gate, Arc::clone(&authenticator))),
         )?;
@@ -183,6 +203,8 @@ impl Application {
             _local: None,
             authenticator: Some(authenticator),
             _background: background,
+            draining,
+            drain: settings.drain,
         })
     }
 
@@ -195,14 +217,37 @@ impl Application {
         self.server.handle()
     }
 
-    /// Serves until SIGINT/SIGTERM, then lets in-flight requests finish.
+    /// Serves until SIGINT/SIGTERM; then reports not ready for the drain period, stops
+    /// accepting, and lets in-flight requests finish.
     pub async fn run_until_stopped(self) -> io::Result<()> {
+        let handle = self.server.handle();
+        let (draining, drain) = (Arc::clone(&self.draining), self.drain);
+        let on_signal = tokio::spawn(async move {
+            if let Err(e) = shutdown_signal().await {
+                tracing::error!(error = %e, "cannot listen for shutdown signals");
+                return;
+            }
+            draining.store(true, Ordering::Relaxed);
+            tracing::info!(drain_seconds = drain.as_secs(), "shutting down");
+            tokio::time::sleep(drain).await;
+            handle.stop(true).await;
+        });
         let result = self.server.await;
+        on_signal.abort();
         if let Some(authenticator) = &self.authenticator {
             authenticator.flush_last_used().await;
         }
         tracing::info!("maestra stopped");
         result
+    }
+}
+
+/// SIGTERM (container platforms, systemd, launchd) or SIGINT (Ctrl-C).
+async fn shutdown_signal() -> io::Result<()> {
+    let mut terminate = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = terminate.recv() => Ok(()),
+        interrupted = tokio::signal::ctrl_c() => interrupted,
     }
 }
 
@@ -217,12 +262,15 @@ fn app_state(
         local_tenant,
         max_message_bytes: settings.max_message_bytes,
         started: Instant::now(),
+        draining: Arc::new(AtomicBool::new(false)),
+        metrics_token: settings.metrics_token.clone(),
     })
 }
 
 fn serve(
     listener: TcpListener,
     state: web::Data<AppState>,
+    metrics: Arc<Metrics>,
     settings: &Settings,
     cloud: Option<(CloudGate, Arc<Authenticator>)>,
 ) -> anyhow::Result<Server> {
@@ -230,10 +278,14 @@ fn serve(
     let cors_origins = settings.cors_origins.clone();
     let local = settings.mode == Mode::Local;
     let limiter = web::Data::new(KeyRateLimiter::default());
+    let metrics = web::Data::from(metrics);
     let (gate, authenticator) = cloud.unzip();
     let authenticator = authenticator.map(web::Data::from);
     let server = HttpServer::new(move || {
-        let mut app = App::new().app_data(state.clone()).app_data(limiter.clone());
+        let mut app = App::new()
+            .app_data(state.clone())
+            .app_data(metrics.clone())
+            .app_data(limiter.clone());
         if let Some(authenticator) = &authenticator {
             app = app.app_data(authenticator.clone());
         }
@@ -246,6 +298,8 @@ fn serve(
             .wrap(from_fn(middleware::request_context))
     })
     .shutdown_timeout(SHUTDOWN_GRACE_SECONDS)
+    // Signals are handled in run_until_stopped, to drain before stopping.
+    .disable_signals()
     .listen(listener)?
     .run();
     Ok(server)

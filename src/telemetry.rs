@@ -1,12 +1,48 @@
-//! Logs: tracing events to stderr (stdout stays free for the MCP protocol), JSON lines or
-//! human-readable. Fields carry ids and sizes, never message text or key material.
+//! Logs and traces. Logs are tracing events, JSON lines or human-readable; their fields carry
+//! ids, routes and durations, never message text or key material. Traces go to an
+//! OpenTelemetry collector over OTLP (http/protobuf) when the standard `OTEL_*` variables say
+//! so, and continue a caller's W3C `traceparent`.
 
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::Level;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::writer::MakeWriterExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{LogFormat, LogSettings};
 
+/// Where log lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogOutput {
+    /// The server: warnings and errors on stderr, the rest on stdout, so the guide's
+    /// `maestra_backend.log` holds the log and `maestra_backend_error.log` the errors.
+    Split,
+    /// Every other command, and always `maestra mcp`: stdout is reserved for their output.
+    Stderr,
+}
+
+/// Flushes pending spans when dropped, at the end of `main`.
+pub struct TelemetryGuard {
+    tracer_provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.tracer_provider.take()
+            && let Err(e) = provider.shutdown()
+        {
+            eprintln!("maestra: could not flush traces: {e}");
+        }
+    }
+}
+
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides the configured level.
-pub fn init(settings: &LogSettings) -> anyhow::Result<()> {
+pub fn init(settings: &LogSettings, output: LogOutput) -> anyhow::Result<TelemetryGuard> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.is_empty() => {
             EnvFilter::try_new(&directives).map_err(|e| anyhow::anyhow!("RUST_LOG: {e}"))?
@@ -14,19 +50,74 @@ pub fn init(settings: &LogSettings) -> anyhow::Result<()> {
         _ => EnvFilter::try_new(&settings.level)
             .map_err(|e| anyhow::anyhow!("MAESTRA_LOG_LEVEL: {e}"))?,
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let installed = match settings.format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .try_init(),
-        LogFormat::Pretty => builder.try_init(),
+    let writer =
+        std::io::stderr
+            .with_max_level(Level::WARN)
+            .or_else(move || -> Box<dyn std::io::Write> {
+                match output {
+                    LogOutput::Split => Box::new(std::io::stdout()),
+                    LogOutput::Stderr => Box::new(std::io::stderr()),
+                }
+            });
+    let (json, pretty) = match settings.format {
+        LogFormat::Json => (
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_writer(writer),
+            ),
+            None,
+        ),
+        LogFormat::Pretty => (
+            None,
+            Some(tracing_subscriber::fmt::layer().with_writer(writer)),
+        ),
     };
-    installed.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
+    let tracer_provider = otlp_tracer_provider()?;
+    let otel = tracer_provider
+        .as_ref()
+        .map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer("maestra")));
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(json)
+        .with(pretty)
+        .with(otel)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))?;
+    Ok(TelemetryGuard { tracer_provider })
+}
+
+/// An OTLP exporter when `OTEL_EXPORTER_OTLP_ENDPOINT` (or the traces-only variable) is set;
+/// the exporter reads the other standard `OTEL_EXPORTER_OTLP_*` variables itself.
+fn otlp_tracer_provider() -> anyhow::Result<Option<SdkTracerProvider>> {
+    let configured = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|name| std::env::var(name).is_ok_and(|v| !v.is_empty()));
+    if !configured {
+        return Ok(None);
+    }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpBinary)
+        .build()
+        .map_err(|e| anyhow::anyhow!("OTEL_EXPORTER_OTLP_ENDPOINT: {e}"))?;
+    let mut resource = Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name("maestra");
+    }
+    Ok(Some(
+        SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource.build())
+            .build(),
+    ))
 }
 
 /// Panics become one log line (no backtrace on the terminal); the server turns a panicking

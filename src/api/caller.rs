@@ -45,7 +45,7 @@ impl FromRequest for Caller {
                 tenant,
                 api_key_id: None,
             }),
-            None => Err(ApiError::Unauthorized),
+            None => Err(ApiError::invalid_api_key()),
         })
     }
 }

@@ -7,6 +7,7 @@ use super::caller::Caller;
 use super::errors::ApiError;
 use super::{AppState, request_id};
 use crate::domain::{ConversationId, MessageText, SurfaceId, Usage, UserId};
+use crate::metrics::Metrics;
 use crate::service::{Turn, TurnOutcome};
 
 /// The body as sent. Unknown fields are ignored.
@@ -34,11 +35,15 @@ struct CoreResponse {
 
 pub async fn core(
     state: web::Data<AppState>,
+    metrics: web::Data<Metrics>,
     caller: Caller,
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
+    let started = std::time::Instant::now();
     let turn = parse(&state, caller, body.into_inner())?;
     let outcome = state.service.turn(turn).await?;
+    let overhead = started.elapsed().saturating_sub(outcome.provider_time);
+    metrics.overhead.observe(overhead.as_secs_f64());
     Ok(HttpResponse::Ok().json(respond(outcome, state.mode.as_str())))
 }
 

@@ -18,9 +18,10 @@ pub enum ApiError {
     /// 400: the request is malformed; the message names the field.
     #[error("{0}")]
     InvalidRequest(String),
-    /// 401: the API key is missing, unknown, wrong, revoked or expired (one answer for all).
-    #[error("a valid API key is required (X-API-Key: <key> or Authorization: Bearer <key>)")]
-    Unauthorized,
+    /// 401: the credentials are missing or not valid (for API keys: one answer for missing,
+    /// unknown, wrong, revoked and expired).
+    #[error("{0}")]
+    Unauthorized(String),
     /// 403: refused whoever asks (e.g. a non-loopback `Host` in local mode).
     #[error("{0}")]
     Forbidden(String),
@@ -54,7 +55,7 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::InvalidRequest(_) => "invalid_request",
-            ApiError::Unauthorized => "unauthorized",
+            ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
@@ -72,7 +73,7 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -102,6 +103,16 @@ pub fn envelope(status: StatusCode, code: &str, message: &str) -> HttpResponse {
             "request_id": request_id::current(),
         }
     }))
+}
+
+impl ApiError {
+    /// The one 401 for API keys, whatever was wrong with the key.
+    pub fn invalid_api_key() -> Self {
+        ApiError::Unauthorized(
+            "a valid API key is required (X-API-Key: <key> or Authorization: Bearer <key>)"
+                .to_owned(),
+        )
+    }
 }
 
 impl From<InvalidInput> for ApiError {

@@ -1,4 +1,8 @@
-//! `GET /health`: is the service up and its storage usable. Never calls the model.
+//! Probes: `/health` (the guide's: status, version, storage), `/health/live` (the process
+//! answers; touches nothing) and `/health/ready` (storage usable and not draining), so a
+//! container platform can tell "restart me" from "send me no traffic". None calls the model.
+
+use std::sync::atomic::Ordering;
 
 use actix_web::{HttpResponse, web};
 use serde_json::json;
@@ -21,6 +25,25 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         Err(e) => {
             tracing::warn!(error = %e, "health check: storage unavailable");
             HttpResponse::ServiceUnavailable().json(body("degraded", "unavailable"))
+        }
+    }
+}
+
+pub async fn live() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "alive"}))
+}
+
+pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    if state.draining.load(Ordering::Relaxed) {
+        return HttpResponse::ServiceUnavailable()
+            .json(json!({"status": "draining", "reason": "the server is shutting down"}));
+    }
+    match state.service.store().check().await {
+        Ok(()) => HttpResponse::Ok().json(json!({"status": "ready"})),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness: storage unavailable");
+            HttpResponse::ServiceUnavailable()
+                .json(json!({"status": "not_ready", "reason": "storage unavailable"}))
         }
     }
 }

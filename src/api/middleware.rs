@@ -11,12 +11,15 @@ use actix_web::error::InternalError;
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::middleware::Next;
-use actix_web::{Error, HttpResponse, ResponseError};
+use actix_web::{Error, HttpResponse, ResponseError, web};
 use futures_util::FutureExt;
+use prometheus::IntGauge;
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::errors::{ApiError, envelope};
 use super::request_id;
+use crate::metrics::Metrics;
 
 pub async fn request_context(
     req: ServiceRequest,
@@ -24,6 +27,8 @@ pub async fn request_context(
 ) -> Result<ServiceResponse<BoxBody>, Error> {
     let started = Instant::now();
     let id = request_id::from_headers(req.headers());
+    let metrics = req.app_data::<web::Data<Metrics>>().cloned();
+    let method = req.method().clone();
     let span = tracing::info_span!(
         "http.request",
         http.method = %req.method(),
@@ -33,6 +38,12 @@ pub async fn request_context(
         tenant.id = tracing::field::Empty,
         key.id = tracing::field::Empty,
     );
+    // Continue the caller's trace (W3C traceparent) when it sent one.
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&HeaderExtractor(req.headers()))
+    });
+    let _ = span.set_parent(parent);
+    let in_flight = metrics.as_ref().map(|m| InFlight::start(&m.http_in_flight));
 
     let handled = async {
         // The request itself is gone once handed on, so failures without a ServiceResponse
@@ -53,13 +64,28 @@ pub async fn request_context(
         .instrument(span.clone())
         .await;
 
+    drop(in_flight);
     let (status, route) = match &result {
         Ok(response) => (
             response.status(),
-            response.request().match_pattern().unwrap_or_default(),
+            response
+                .request()
+                .match_pattern()
+                .unwrap_or_else(|| "unmatched".to_owned()),
         ),
-        Err(error) => (error.as_response_error().status_code(), String::new()),
+        Err(error) => (
+            error.as_response_error().status_code(),
+            "unmatched".to_owned(),
+        ),
     };
+    if let Some(metrics) = &metrics {
+        let labels = [route.as_str(), method.as_str(), status.as_str()];
+        metrics.http_requests.with_label_values(&labels).inc();
+        metrics
+            .http_duration
+            .with_label_values(&labels)
+            .observe(started.elapsed().as_secs_f64());
+    }
     span.record("http.route", route.as_str());
     span.record("http.status_code", status.as_u16());
     span.in_scope(|| {
@@ -86,6 +112,35 @@ async fn finish(response: HttpResponse) -> HttpResponse {
             .insert(header::HeaderName::from_static(request_id::HEADER), value);
     }
     response
+}
+
+/// Counts a request in flight for as long as it lives.
+struct InFlight(IntGauge);
+
+impl InFlight {
+    fn start(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Reads W3C trace context from actix's header map.
+struct HeaderExtractor<'a>(&'a actix_web::http::header::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
 }
 
 /// Errors produced by the framework itself (405, a refused CORS origin, ...) have plain-text

@@ -5,10 +5,15 @@ mod conversations;
 mod core;
 pub mod errors;
 mod health;
+mod metrics;
 pub mod middleware;
 pub mod request_id;
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
+
+use secrecy::SecretString;
 
 use actix_cors::Cors;
 use actix_governor::governor::middleware::NoOpMiddleware;
@@ -31,6 +36,9 @@ pub struct AppState {
     pub local_tenant: Option<String>,
     pub max_message_bytes: usize,
     pub started: Instant,
+    /// Set on SIGTERM: `/health/ready` answers 503 while in-flight work finishes.
+    pub draining: Arc<AtomicBool>,
+    pub metrics_token: Option<SecretString>,
 }
 
 /// Cloud mode's gate on `/api`: unverified keys limited per address, then the key required.
@@ -51,6 +59,21 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_message_bytes: usize, gate: O
     .service(
         web::resource("/health")
             .route(web::get().to(health::health))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/health/live")
+            .route(web::get().to(health::live))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/health/ready")
+            .route(web::get().to(health::ready))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/metrics")
+            .route(web::get().to(metrics::metrics))
             .default_service(web::to(method_not_allowed)),
     )
     .default_service(web::to(not_found));

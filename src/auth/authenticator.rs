@@ -7,11 +7,11 @@
 //! another argon2, unless the key's hash itself changed.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use prometheus::IntCounter;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 
@@ -73,7 +73,8 @@ pub struct Authenticator {
     ttl: Duration,
     cache: Mutex<HashMap<KeyId, Verified>>,
     last_used: Mutex<HashMap<KeyId, DateTime<Utc>>>,
-    argon2_verifications: AtomicU64,
+    /// argon2 runs, exported as a metric: it should stay near the number of keys in use.
+    argon2_verifications: IntCounter,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -86,21 +87,20 @@ fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
 }
 
 impl Authenticator {
-    pub fn new(pool: PgPool, default_quota: Quota, ttl: Duration) -> Self {
+    pub fn new(
+        pool: PgPool,
+        default_quota: Quota,
+        ttl: Duration,
+        argon2_verifications: IntCounter,
+    ) -> Self {
         Self {
             pool,
             default_quota,
             ttl,
             cache: Mutex::new(HashMap::new()),
             last_used: Mutex::new(HashMap::new()),
-            argon2_verifications: AtomicU64::new(0),
+            argon2_verifications,
         }
-    }
-
-    /// How many argon2 verifications ran since start (a metric: it should stay near the
-    /// number of distinct keys in use).
-    pub fn argon2_verifications(&self) -> u64 {
-        self.argon2_verifications.load(Ordering::Relaxed)
     }
 
     /// Whether this key is already verified and current: such requests skip the per-address
@@ -114,6 +114,7 @@ impl Authenticator {
         })
     }
 
+    #[tracing::instrument(name = "auth.authenticate", skip_all)]
     pub async fn authenticate(&self, presented: &str) -> Result<Principal, AuthError> {
         let id = KeyId::of(presented);
         let digest = digest(presented);
@@ -171,7 +172,7 @@ impl Authenticator {
         presented: &str,
         secret_hash: Option<String>,
     ) -> Result<bool, AuthError> {
-        self.argon2_verifications.fetch_add(1, Ordering::Relaxed);
+        self.argon2_verifications.inc();
         let presented = presented.to_owned();
         tokio::task::spawn_blocking(move || verify_key(&presented, secret_hash.as_deref()))
             .await

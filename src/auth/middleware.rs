@@ -17,6 +17,7 @@ use actix_web::{Error, HttpMessage, HttpResponse, HttpResponseBuilder, ResponseE
 
 use super::{AuthError, Authenticator, Principal};
 use crate::api::errors::ApiError;
+use crate::metrics::Metrics;
 use crate::ratelimit::{Decision, KeyRateLimiter, retry_after_seconds};
 
 /// The key a client presented, from either header.
@@ -42,6 +43,9 @@ pub async fn require_api_key(
     let Some(limiter) = req.app_data::<web::Data<KeyRateLimiter>>().cloned() else {
         return Err(ApiError::Internal(anyhow::anyhow!("no rate limiter configured")).into());
     };
+    let Some(metrics) = req.app_data::<web::Data<Metrics>>().cloned() else {
+        return Err(ApiError::Internal(anyhow::anyhow!("no metrics configured")).into());
+    };
     let outcome = match presented_key(req.headers()) {
         None => Err(AuthError::Unauthorized),
         Some(key) => auth.authenticate(key).await,
@@ -49,6 +53,7 @@ pub async fn require_api_key(
     let principal = match outcome {
         Ok(principal) => principal,
         Err(AuthError::Unauthorized) => {
+            metrics.auth_failures.inc();
             tracing::info!("authentication failed");
             return Ok(req.into_response(unauthorized()));
         }
@@ -68,6 +73,7 @@ pub async fn require_api_key(
 
     match limiter.check(&principal.key_id, principal.quota) {
         Decision::Limited { limit, retry_after } => {
+            metrics.rate_limited.with_label_values(&["key"]).inc();
             let seconds = retry_after_seconds(retry_after);
             let mut response = ApiError::RateLimited(format!(
                 "this key's quota of {limit} requests per {} s is used up; retry in {seconds} s",
@@ -88,7 +94,7 @@ pub async fn require_api_key(
 }
 
 fn unauthorized() -> HttpResponse {
-    let mut response = ApiError::Unauthorized.error_response();
+    let mut response = ApiError::invalid_api_key().error_response();
     response
         .headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -113,6 +119,7 @@ fn insert_header(headers: &mut HeaderMap, name: HeaderName, value: impl Into<u64
 #[derive(Clone)]
 pub struct UnverifiedByAddress {
     pub auth: Arc<Authenticator>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl KeyExtractor for UnverifiedByAddress {
@@ -134,6 +141,10 @@ impl KeyExtractor for UnverifiedByAddress {
         negative: &NotUntil<QuantaInstant>,
         _response: HttpResponseBuilder,
     ) -> HttpResponse {
+        self.metrics
+            .rate_limited
+            .with_label_values(&["address"])
+            .inc();
         let seconds = retry_after_seconds(negative.wait_time_from(DefaultClock::default().now()));
         let mut response = ApiError::RateLimited(format!(
             "too many attempts with unverified API keys from this address; retry in {seconds} s"

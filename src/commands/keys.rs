@@ -61,7 +61,7 @@ pub struct CreateArgs {
 }
 
 pub fn run(command: KeysCommand) -> anyhow::Result<()> {
-    let settings = super::quiet_settings()?;
+    let (settings, _telemetry) = super::quiet_settings()?;
     let url = settings.require_database_url()?.clone();
     runtime()?.block_on(async {
         let pool = db::connect(&url, 2).await?;

@@ -3,7 +3,7 @@
 use crate::db;
 
 pub fn run() -> anyhow::Result<()> {
-    let settings = super::quiet_settings()?;
+    let (settings, _telemetry) = super::quiet_settings()?;
     let url = settings.require_database_url()?.clone();
     runtime()?.block_on(async {
         let pool = db::connect(&url, 1).await?;

@@ -2,11 +2,11 @@
 
 use crate::config::Settings;
 use crate::startup::Application;
-use crate::telemetry;
+use crate::telemetry::{self, LogOutput};
 
 pub fn run() -> anyhow::Result<()> {
     let settings = Settings::load()?;
-    telemetry::init(&settings.log)?;
+    let _telemetry = telemetry::init(&settings.log, LogOutput::Split)?;
     telemetry::log_panics();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

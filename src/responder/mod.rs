@@ -40,6 +40,16 @@ pub enum ResponderError {
     Timeout,
 }
 
+impl ResponderError {
+    /// A short, bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ResponderError::Provider(_) => "provider",
+            ResponderError::Timeout => "timeout",
+        }
+    }
+}
+
 #[async_trait]
 pub trait Responder: Send + Sync + 'static {
     async fn reply(&self, prompt: Prompt<'_>) -> Result<Reply, ResponderError>;

@@ -2,6 +2,7 @@
 //! it is written once.
 
 mod file;
+mod measured;
 mod postgres;
 
 use async_trait::async_trait;
@@ -11,6 +12,7 @@ use serde::Serialize;
 use crate::domain::{ConversationId, Message, NewMessage, UserId};
 
 pub use file::FileStore;
+pub use measured::MeasuredStore;
 pub use postgres::{PgStore, is_unavailable};
 
 /// Who may see a conversation: the user, within a tenant (local mode has one tenant).

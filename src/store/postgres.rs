@@ -16,11 +16,21 @@ use crate::domain::{ConversationId, Message, NewMessage, Role, SurfaceId, Usage,
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// The newest migration this build knows: the store is usable once it is applied.
+    latest_migration: i64,
 }
 
 impl PgStore {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        let latest_migration = crate::db::MIGRATOR
+            .iter()
+            .map(|m| m.version)
+            .max()
+            .unwrap_or_default();
+        Self {
+            pool,
+            latest_migration,
+        }
     }
 }
 
@@ -263,7 +273,18 @@ impl ConversationStore for PgStore {
     }
 
     async fn check(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        let applied: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM _sqlx_migrations WHERE version = $1 AND success)",
+        )
+        .bind(self.latest_migration)
+        .fetch_one(&self.pool)
+        .await?;
+        if applied {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(
+                "the database migrations are not applied (run `maestra migrate`)".to_owned(),
+            ))
+        }
     }
 }

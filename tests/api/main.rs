@@ -11,5 +11,6 @@ mod conversations;
 mod core;
 mod health;
 mod helpers;
+mod observability;
 mod process;
 mod store;
