@@ -25,6 +25,7 @@ pub async fn connect(url: &SecretString, max_connections: u32) -> anyhow::Result
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(ACQUIRE_TIMEOUT)
+        .test_before_acquire(false)
         .connect_lazy_with(options);
     tokio::time::timeout(CONNECT_TIMEOUT, sqlx::query("SELECT 1").execute(&pool))
         .await

@@ -75,6 +75,16 @@ pub struct Authenticator {
     last_used: Mutex<HashMap<KeyId, DateTime<Utc>>>,
     /// argon2 runs, exported as a metric: it should stay near the number of keys in use.
     argon2_verifications: IntCounter,
+    argon2_slots: tokio::sync::Semaphore,
+    /// Keys being looked up now, one look-up each, with the key fingerprints that look-up
+    /// already refused (so requests waiting behind it get the same answer without argon2).
+    in_flight: Mutex<HashMap<KeyId, Flight>>,
+}
+
+#[derive(Default)]
+struct Flight {
+    turn: Arc<tokio::sync::Mutex<()>>,
+    refused: Vec<[u8; 32]>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -100,47 +110,120 @@ impl Authenticator {
             cache: Mutex::new(HashMap::new()),
             last_used: Mutex::new(HashMap::new()),
             argon2_verifications,
+            argon2_slots: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ),
+            in_flight: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Whether this key is already verified and current: such requests skip the per-address
-    /// limit on unverified attempts.
+    /// Whether this key was verified before (its re-check, if due, needs no argon2), or is
+    /// being looked up now (the request will wait for that verdict): such requests skip the
+    /// per-address limit on unverified attempts.
     pub fn is_recognised(&self, presented: &str) -> bool {
         let id = KeyId::of(presented);
+        if lock(&self.in_flight).contains_key(&id) {
+            return true;
+        }
         let digest = digest(presented);
         let cache = lock(&self.cache);
-        cache.get(&id).is_some_and(|v| {
-            v.is_current(self.ttl) && same_digest(&v.digest, &digest) && v.is_valid_at(Utc::now())
-        })
+        cache
+            .get(&id)
+            .is_some_and(|v| same_digest(&v.digest, &digest) && v.is_valid_at(Utc::now()))
     }
 
     #[tracing::instrument(name = "auth.authenticate", skip_all)]
     pub async fn authenticate(&self, presented: &str) -> Result<Principal, AuthError> {
         let id = KeyId::of(presented);
         let digest = digest(presented);
-        let now = Utc::now();
+        if let Some(verdict) = self.cached_verdict(&id, &digest) {
+            return verdict;
+        }
+        // One look-up per key at a time: a burst of first requests with a new key waits for
+        // the first one's verdict instead of each running argon2.
+        let turn = self.in_flight(&id);
+        let guard = turn.lock().await;
+        let outcome = match self.refused_in_flight(&id, &digest) {
+            true => Err(AuthError::Unauthorized),
+            false => self.verify_and_remember(&id, digest, presented).await,
+        };
+        if matches!(outcome, Err(AuthError::Unauthorized)) {
+            self.refuse_in_flight(&id, digest);
+        }
+        drop(guard);
+        self.land(&id, turn);
+        outcome
+    }
 
+    /// The cached verdict, if current.
+    fn cached_verdict(
+        &self,
+        id: &KeyId,
+        digest: &[u8; 32],
+    ) -> Option<Result<Principal, AuthError>> {
+        let now = Utc::now();
+        let cache = lock(&self.cache);
+        let verified = cache.get(id)?;
+        if !(same_digest(&verified.digest, digest) && verified.is_current(self.ttl)) {
+            return None;
+        }
+        if !verified.is_valid_at(now) {
+            return Some(Err(AuthError::Unauthorized));
+        }
+        let principal = verified.principal.clone();
+        drop(cache);
+        lock(&self.last_used).insert(id.clone(), now);
+        Some(Ok(principal))
+    }
+
+    fn in_flight(&self, id: &KeyId) -> Arc<tokio::sync::Mutex<()>> {
+        Arc::clone(&lock(&self.in_flight).entry(id.clone()).or_default().turn)
+    }
+
+    fn refused_in_flight(&self, id: &KeyId, digest: &[u8; 32]) -> bool {
+        lock(&self.in_flight)
+            .get(id)
+            .is_some_and(|f| f.refused.iter().any(|d| same_digest(d, digest)))
+    }
+
+    fn refuse_in_flight(&self, id: &KeyId, digest: [u8; 32]) {
+        if let Some(flight) = lock(&self.in_flight).get_mut(id) {
+            flight.refused.push(digest);
+        }
+    }
+
+    /// Forgets a key's look-up once nobody waits on it.
+    fn land(&self, id: &KeyId, turn: Arc<tokio::sync::Mutex<()>>) {
+        let mut in_flight = lock(&self.in_flight);
+        drop(turn);
+        if in_flight
+            .get(id)
+            .is_some_and(|f| Arc::strong_count(&f.turn) == 1)
+        {
+            in_flight.remove(id);
+        }
+    }
+
+    async fn verify_and_remember(
+        &self,
+        id: &KeyId,
+        digest: [u8; 32],
+        presented: &str,
+    ) -> Result<Principal, AuthError> {
+        // Another request may have settled it while this one waited.
+        if let Some(verdict) = self.cached_verdict(id, &digest) {
+            return verdict;
+        }
+        let now = Utc::now();
         let known_hash = {
             let cache = lock(&self.cache);
-            match cache.get(&id) {
-                Some(v) if same_digest(&v.digest, &digest) => {
-                    if v.is_current(self.ttl) {
-                        return if v.is_valid_at(now) {
-                            let principal = v.principal.clone();
-                            drop(cache);
-                            lock(&self.last_used).insert(id, now);
-                            Ok(principal)
-                        } else {
-                            Err(AuthError::Unauthorized)
-                        };
-                    }
-                    Some(v.secret_hash.clone())
-                }
+            match cache.get(id) {
+                Some(v) if same_digest(&v.digest, &digest) => Some(v.secret_hash.clone()),
                 _ => None,
             }
         };
 
-        let row = repository::fetch(&self.pool, &id).await.map_err(|e| {
+        let row = repository::fetch(&self.pool, id).await.map_err(|e| {
             if crate::store::is_unavailable(&e) {
                 AuthError::Unavailable(e.to_string())
             } else {
@@ -159,11 +242,11 @@ impl Authenticator {
         let Some(row) = row else {
             return Err(AuthError::Unauthorized);
         };
-        let principal = self.remember(&id, digest, &row);
+        let principal = self.remember(id, digest, &row);
         if !row.is_valid_at(now) {
             return Err(AuthError::Unauthorized);
         }
-        lock(&self.last_used).insert(id, now);
+        lock(&self.last_used).insert(id.clone(), now);
         Ok(principal)
     }
 
@@ -172,6 +255,12 @@ impl Authenticator {
         presented: &str,
         secret_hash: Option<String>,
     ) -> Result<bool, AuthError> {
+        // Each argon2 run holds 19 MiB: bound how many run at once, whoever asks.
+        let _permit = self
+            .argon2_slots
+            .acquire()
+            .await
+            .map_err(|e| AuthError::Other(anyhow::anyhow!("argon2 slots closed: {e}")))?;
         self.argon2_verifications.inc();
         let presented = presented.to_owned();
         tokio::task::spawn_blocking(move || verify_key(&presented, secret_hash.as_deref()))

@@ -441,3 +441,34 @@ async fn replicas_starting_at_once_migrate_safely(_: PgPoolOptions, db: PgConnec
         .unwrap();
     assert_eq!(keys, 1, "the bootstrap key is ensured once");
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_burst_of_first_requests_with_a_new_key_runs_argon2_once(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let app = spawn_cloud_app(&db, &[("MAESTRA_METRICS_TOKEN", "token-123")]).await;
+    let (_, key) = app.create_key("acme", None).await;
+    let burst = (0..40).map(|_| list_status(&app, &key));
+    let statuses: Vec<u16> = futures_util::future::join_all(burst)
+        .await
+        .iter()
+        .map(|r| r.status().as_u16())
+        .collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let metrics = app
+        .request(Method::GET, "/metrics", None)
+        .bearer_auth("token-123")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "maestra_auth_argon2_verifications_total 1"),
+        "{metrics}"
+    );
+}
