@@ -100,6 +100,8 @@ pub struct Settings {
     pub metrics_token: Option<SecretString>,
     /// After SIGTERM, how long `/health/ready` says 503 before the server stops accepting.
     pub drain: Duration,
+    /// How long a request body may take to arrive (slow clients are cut off with 408).
+    pub body_timeout: Duration,
 }
 
 impl Settings {
@@ -136,6 +138,7 @@ struct Raw {
     auth_cache_ttl_seconds: Option<String>,
     metrics_token: Option<String>,
     drain_seconds: Option<String>,
+    body_timeout_seconds: Option<String>,
 }
 
 impl Settings {
@@ -249,6 +252,13 @@ impl Settings {
                 .get(),
             )),
             metrics_token: non_empty(raw.metrics_token).map(SecretString::from),
+            body_timeout: Duration::from_secs(u64::from(
+                parse_count(
+                    "MAESTRA_BODY_TIMEOUT_SECONDS",
+                    &required("MAESTRA_BODY_TIMEOUT_SECONDS", raw.body_timeout_seconds)?,
+                )?
+                .get(),
+            )),
             drain: Duration::from_secs(
                 raw.drain_seconds
                     .as_deref()

@@ -33,6 +33,8 @@ use crate::usage_log::UsageLog;
 
 /// The tenant of every local-mode conversation.
 pub const LOCAL_TENANT: &str = "local";
+/// How long a client may take to send a request's head.
+const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long in-flight requests may take to finish after SIGINT/SIGTERM.
 const SHUTDOWN_GRACE_SECONDS: u64 = 30;
 
@@ -264,6 +266,7 @@ fn app_state(
         started: Instant::now(),
         draining: Arc::new(AtomicBool::new(false)),
         metrics_token: settings.metrics_token.clone(),
+        body_timeout: settings.body_timeout,
     })
 }
 
@@ -290,6 +293,7 @@ fn serve(
             app = app.app_data(authenticator.clone());
         }
         app.configure(|cfg| api::configure(cfg, max_message_bytes, gate.as_ref()))
+            .wrap(from_fn(middleware::body_deadline))
             .wrap(api::cors(&cors_origins))
             .wrap(Condition::new(
                 local,
@@ -298,6 +302,8 @@ fn serve(
             .wrap(from_fn(middleware::request_context))
     })
     .shutdown_timeout(SHUTDOWN_GRACE_SECONDS)
+    // A client has this long to send its request head (slowloris headers are cut off).
+    .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
     // Signals are handled in run_until_stopped, to drain before stopping.
     .disable_signals()
     .listen(listener)?

@@ -1,17 +1,20 @@
 //! What wraps every request: its id, span and log line; panics turned into 500s; plain-text
 //! error bodies from the framework turned into the JSON envelope; local mode's `Host` check.
 
+use std::io;
 use std::net::IpAddr;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::time::Instant;
 
 use actix_web::body::{BoxBody, MessageBody};
-use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::error::InternalError;
+use actix_web::error::PayloadError;
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::middleware::Next;
-use actix_web::{Error, HttpResponse, ResponseError, web};
+use actix_web::{Error, HttpMessage, HttpResponse, ResponseError, web};
 use futures_util::FutureExt;
 use prometheus::IntGauge;
 use tracing::Instrument;
@@ -112,6 +115,46 @@ async fn finish(response: HttpResponse) -> HttpResponse {
             .insert(header::HeaderName::from_static(request_id::HEADER), value);
     }
     response
+}
+
+/// A request body must arrive within the configured time: a client trickling bytes (a slow
+/// body, slowloris-style) cannot hold a connection and its buffers for ever. The request head
+/// has its own limit (actix-web's client request timeout).
+pub async fn body_deadline(
+    mut req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, Error> {
+    let timeout = req
+        .app_data::<web::Data<super::AppState>>()
+        .map(|state| state.body_timeout);
+    if let Some(timeout) = timeout {
+        let until = tokio::time::Instant::now() + timeout;
+        let payload = req.take_payload();
+        let timed = futures_util::stream::unfold(Some(payload), move |payload| async move {
+            let mut payload = payload?;
+            match tokio::time::timeout_at(until, futures_util::StreamExt::next(&mut payload)).await
+            {
+                Ok(Some(chunk)) => Some((chunk, Some(payload))),
+                Ok(None) => None,
+                Err(_) => Some((
+                    Err(PayloadError::Io(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the request body did not arrive in time",
+                    ))),
+                    None,
+                )),
+            }
+        });
+        let timed: Pin<Box<dyn futures_util::Stream<Item = Result<web::Bytes, PayloadError>>>> =
+            Box::pin(timed);
+        req.set_payload(Payload::from(timed));
+    }
+    next.call(req).await
+}
+
+/// Whether a body read failed because the body was too slow.
+pub fn is_body_timeout(error: &PayloadError) -> bool {
+    matches!(error, PayloadError::Io(e) if e.kind() == io::ErrorKind::TimedOut)
 }
 
 /// Counts a request in flight for as long as it lives.

@@ -39,6 +39,8 @@ pub struct AppState {
     /// Set on SIGTERM: `/health/ready` answers 503 while in-flight work finishes.
     pub draining: Arc<AtomicBool>,
     pub metrics_token: Option<SecretString>,
+    /// How long a request body may take to arrive.
+    pub body_timeout: std::time::Duration,
 }
 
 /// Cloud mode's gate on `/api`: unverified keys limited per address, then the key required.
@@ -167,6 +169,9 @@ fn json_error(error: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
         }
         JsonPayloadError::Deserialize(e) => {
             ApiError::InvalidRequest(format!("invalid JSON body: {e}"))
+        }
+        JsonPayloadError::Payload(e) if middleware::is_body_timeout(e) => {
+            ApiError::RequestTimeout("the request body did not arrive in time".to_owned())
         }
         other => ApiError::InvalidRequest(format!("cannot read the body: {other}")),
     };

@@ -11,6 +11,7 @@ mod conversations;
 mod core;
 mod health;
 mod helpers;
+mod hostile;
 mod observability;
 mod process;
 mod store;
