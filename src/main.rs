@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use maestra::commands::{self, keys::KeysCommand};
+use maestra::commands::{self, ask::AskArgs, health::HealthArgs, keys::KeysCommand};
 
 /// Maestra Backend: one HTTP service behind the IDE, browser, CLI and mobile surfaces.
 #[derive(Parser)]
@@ -24,6 +24,12 @@ enum Command {
     /// Manage cloud API keys in the database at DATABASE_URL.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Send one message and print the reply: the local backend first, the cloud as fallback.
+    Ask(AskArgs),
+    /// Show the local and the cloud backend's health side by side (exit 1 if neither is up).
+    Health(HealthArgs),
+    /// Run the conversation-hub MCP server on stdio (for IDEs: "command": "maestra", "args": ["mcp"]).
+    Mcp,
 }
 
 fn main() -> ExitCode {
@@ -32,6 +38,9 @@ fn main() -> ExitCode {
         Command::Serve => commands::serve::run(),
         Command::Migrate => commands::migrate::run(),
         Command::Keys(command) => commands::keys::run(command),
+        Command::Ask(args) => commands::ask::run(args),
+        Command::Health(args) => commands::health::run(args),
+        Command::Mcp => commands::mcp::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

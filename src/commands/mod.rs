@@ -1,6 +1,9 @@
 //! One module per `maestra` subcommand: its options and its `run`.
 
+pub mod ask;
+pub mod health;
 pub mod keys;
+pub mod mcp;
 pub mod migrate;
 pub mod serve;
 
@@ -14,4 +17,20 @@ pub fn quiet_settings() -> anyhow::Result<Settings> {
     }
     crate::telemetry::init(&settings.log)?;
     Ok(settings)
+}
+
+/// Logs for a client command (`ask`, `health`, `mcp`): warnings only unless RUST_LOG says
+/// otherwise, on stderr, so stdout carries only the command's output (for `mcp`, JSON-RPC).
+pub fn client_logs() -> anyhow::Result<()> {
+    crate::telemetry::init(&crate::config::LogSettings {
+        format: crate::config::LogFormat::Json,
+        level: "warn".to_owned(),
+    })
+}
+
+/// The runtime a client command runs on: one thread is plenty for a few requests.
+pub fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
