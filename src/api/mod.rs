@@ -6,6 +6,7 @@ mod core;
 pub mod errors;
 mod health;
 pub mod middleware;
+pub mod openapi;
 pub mod request_id;
 
 use std::time::Instant;
@@ -51,6 +52,11 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_message_bytes: usize, gate: O
     .service(
         web::resource("/health")
             .route(web::get().to(health::health))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/openapi.json")
+            .route(web::get().to(openapi::openapi_json))
             .default_service(web::to(method_not_allowed)),
     )
     .default_service(web::to(not_found));
