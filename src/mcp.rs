@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rmcp::handler::server::common::FromContextPart;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::tool::ToolCallContext;
-use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock,
     ProgressNotificationParam, ProgressToken, RequestMetaObject,
@@ -19,14 +19,47 @@ use rmcp::{
 };
 use schemars::JsonSchema;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::client::{AskRequest, ClientError, ClientSettings, MaestraClient};
 
 /// How often a long call tells the IDE it is still working, so that it does not time out.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
-/// rmcp's text for arguments that do not fit the tool's schema; replaced by a clearer one.
+/// rmcp's text for arguments that do not fit the tool's schema (it turns errors starting so
+/// into tool errors); replaced by a clearer one in `call_tool`.
 const RMCP_ARGUMENT_ERROR: &str = "failed to deserialize parameters:";
+
+/// A tool's arguments, like rmcp's `Parameters` (the `#[tool]` macro finds the input schema
+/// by this name), but a bad argument names its field: "message: invalid type: integer…".
+pub struct Parameters<P>(pub P);
+
+impl<P: JsonSchema> JsonSchema for Parameters<P> {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        P::schema_name()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        P::json_schema(generator)
+    }
+}
+
+impl<S, P: DeserializeOwned> FromContextPart<ToolCallContext<'_, S>> for Parameters<P> {
+    fn from_context_part(context: &mut ToolCallContext<'_, S>) -> Result<Self, ErrorData> {
+        let arguments = serde_json::Value::Object(context.arguments.take().unwrap_or_default());
+        serde_path_to_error::deserialize(arguments)
+            .map(Parameters)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let reason = if path == "." {
+                    e.inner().to_string()
+                } else {
+                    format!("{path}: {}", e.inner())
+                };
+                ErrorData::invalid_params(format!("{RMCP_ARGUMENT_ERROR} {reason}"), None)
+            })
+    }
+}
 
 fn windsurf() -> String {
     "windsurf".to_owned()
