@@ -6,10 +6,13 @@
 )]
 
 mod bad_input;
+mod clients;
 mod cloud;
 mod conversations;
 mod core;
 mod health;
 mod helpers;
+mod mcp;
+mod openapi;
 mod process;
 mod store;
