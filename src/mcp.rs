@@ -298,23 +298,36 @@ async fn with_progress<F: Future>(
     let Some(token) = token else {
         return work.await;
     };
+    let started = Instant::now();
+    // Sent before the work starts, so that it reaches the IDE before the answer does.
+    notify(peer, &token, 0, what, started).await;
     let heartbeat = async {
-        let started = Instant::now();
-        let mut ticks = tokio::time::interval(PROGRESS_INTERVAL);
-        let mut step = 0u32;
+        let mut step = 1u32;
         loop {
-            ticks.tick().await; // the first tick is immediate
-            let note = ProgressNotificationParam::new(token.clone(), f64::from(step))
-                .with_message(format!("{what} ({} s)", started.elapsed().as_secs()));
-            if let Err(e) = peer.notify_progress(note).await {
-                tracing::debug!(error = %e, "progress notification not sent");
-            }
-            step += 1;
+            tokio::time::sleep(PROGRESS_INTERVAL).await;
+            notify(peer, &token, step, what, started).await;
+            step = step.saturating_add(1);
         }
     };
+    // `biased`: once the answer is there, no further notification starts.
     tokio::select! {
+        biased;
         output = work => output,
         never = heartbeat => never,
+    }
+}
+
+async fn notify(
+    peer: &Peer<RoleServer>,
+    token: &ProgressToken,
+    step: u32,
+    what: &str,
+    started: Instant,
+) {
+    let note = ProgressNotificationParam::new(token.clone(), f64::from(step))
+        .with_message(format!("{what} ({} s)", started.elapsed().as_secs()));
+    if let Err(e) = peer.notify_progress(note).await {
+        tracing::debug!(error = %e, "progress notification not sent");
     }
 }
 

@@ -6,6 +6,7 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Output, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
@@ -266,12 +267,13 @@ async fn a_5xx_from_local_falls_back_to_the_cloud_which_says_it_answered(
     assert_eq!(stored, 2, "the cloud stored the message and its reply");
     let output = maestra(home.path(), &vars, &["ask", "Hello"]).await;
     assert!(text(&output.stderr).contains("answered by cloud"));
+
 }
 
 /// A stand-in backend on a random port: answers every request with one canned response and
 /// records the requests' headers, to see what the client sends.
-struct Recorder {
-    url: String,
+pub struct Recorder {
+    pub url: String,
     seen: Arc<Mutex<Vec<actix_web::http::header::HeaderMap>>>,
     server: actix_web::dev::ServerHandle,
 }
@@ -283,7 +285,17 @@ impl Drop for Recorder {
 }
 
 impl Recorder {
-    fn start(status: u16, content_type: &'static str, body: String) -> Recorder {
+    pub fn start(status: u16, content_type: &'static str, body: String) -> Recorder {
+        Self::start_after(Duration::ZERO, status, content_type, body)
+    }
+
+    /// One that takes `delay` to answer, like a model thinking.
+    pub fn start_after(
+        delay: Duration,
+        status: u16,
+        content_type: &'static str,
+        body: String,
+    ) -> Recorder {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let record = Arc::clone(&seen);
         let server = HttpServer::new(move || {
@@ -292,6 +304,7 @@ impl Recorder {
                 record.lock().unwrap().push(req.headers().clone());
                 let body = body.clone();
                 async move {
+                    tokio::time::sleep(delay).await;
                     HttpResponse::build(StatusCode::from_u16(status).unwrap())
                         .content_type(content_type)
                         .body(body)
@@ -319,7 +332,7 @@ impl Recorder {
     }
 }
 
-fn core_reply(text: &str) -> Value {
+pub fn core_reply(text: &str) -> Value {
     json!({
         "reply": text, "conversation_id": "conv_streamed", "message_id": "msg_1", "seq": 2,
         "surface_id": "cli", "model": "fake", "created_at": "2026-11-25T09:00:00Z",

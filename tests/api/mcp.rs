@@ -13,7 +13,7 @@ use serde_json::{Map, Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::clients::{closed_url, maestra};
+use crate::clients::{Recorder, closed_url, core_reply, maestra};
 use crate::helpers::{TEST_API_KEY, maestra_command, spawn_app, spawn_cloud_app};
 
 /// The IDE's side: keeps the progress notifications it receives.
@@ -172,6 +172,40 @@ async fn the_ide_lists_the_tools_and_is_answered_by_local_then_by_cloud_when_loc
     assert_eq!(health["local"]["status"], "unreachable");
     assert_eq!(health["cloud"]["status"], "healthy");
     assert_eq!(health["any_healthy"], true);
+}
+
+#[tokio::test]
+async fn a_long_ask_keeps_the_ide_informed_with_progress_until_the_answer() {
+    // A backend that takes longer than one progress interval (5 s) to answer.
+    let slow = Recorder::start_after(
+        Duration::from_millis(6_500),
+        200,
+        "application/json",
+        core_reply("Worth the wait").to_string(),
+    );
+    let ide = Session::start(&[
+        ("MAESTRA_LOCAL_URL", slow.url.as_str()),
+        ("MAESTRA_USER_ID", "ana"),
+    ])
+    .await;
+    let answer = ide
+        .call("maestra_ask", json!({"message": "Think hard"}))
+        .await;
+    assert_eq!(structured(&answer)["reply"], "Worth the wait");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let progress = ide.client.service().progress.lock().unwrap().clone();
+    let steps: Vec<f64> = progress.iter().map(|p| p.progress).collect();
+    // One at once, one when the interval passed; rising, as MCP requires.
+    assert!(steps.len() >= 2 && steps[..2] == [0.0, 1.0], "{progress:?}");
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{progress:?}");
+    assert!(
+        progress[1]
+            .message
+            .as_deref()
+            .unwrap()
+            .starts_with("Maestra is replying"),
+        "{progress:?}"
+    );
 }
 
 #[tokio::test]
