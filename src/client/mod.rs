@@ -268,7 +268,9 @@ impl MaestraClient {
         let body = if is_event_stream(&response) && response.status().is_success() {
             read_stream(backend, response, on_text).await?
         } else {
-            let body = json_body(backend, response).await?;
+            let body = json_body(backend, response)
+                .await
+                .map_err(|e| self.with_hint(e))?;
             if let (Some(on_text), Some(text)) =
                 (on_text, body.get("reply").and_then(Value::as_str))
             {
@@ -300,7 +302,10 @@ impl MaestraClient {
                     .query(&query)
             })
             .await?;
-        answer(backend, json_body(backend, response).await?)
+        let body = json_body(backend, response)
+            .await
+            .map_err(|e| self.with_hint(e))?;
+        answer(backend, body)
     }
 
     /// The legacy advisor: a one-off question, with optional context.
@@ -326,7 +331,30 @@ impl MaestraClient {
                     .json(&body)
             })
             .await?;
-        answer(backend, json_body(backend, response).await?)
+        let body = json_body(backend, response)
+            .await
+            .map_err(|e| self.with_hint(e))?;
+        answer(backend, body)
+    }
+
+    /// A cloud that refuses for want of a key says so; the client knows why.
+    fn with_hint(&self, error: ClientError) -> ClientError {
+        match error {
+            ClientError::Rejected {
+                backend: Backend::Cloud,
+                status: 401,
+                code,
+                message,
+            } if self.cloud.as_ref().is_some_and(|c| c.api_key.is_none()) => {
+                ClientError::Rejected {
+                    backend: Backend::Cloud,
+                    status: 401,
+                    code,
+                    message: format!("{message}; MAESTRA_API_KEY is not set"),
+                }
+            }
+            other => other,
+        }
     }
 
     /// Both backends' `/health`, side by side (the cloud's only when its URL is set).

@@ -268,6 +268,14 @@ async fn a_5xx_from_local_falls_back_to_the_cloud_which_says_it_answered(
     let output = maestra(home.path(), &vars, &["ask", "Hello"]).await;
     assert!(text(&output.stderr).contains("answered by cloud"));
 
+    // Without a key, the cloud's 401 is the answer, and the client says what is missing.
+    vars.retain(|(name, _)| *name != "MAESTRA_API_KEY");
+    let output = maestra(home.path(), &vars, &["ask", "Hello"]).await;
+    let line = one_error_line(&output, 1);
+    assert!(
+        line.contains("cloud backend answered 401") && line.ends_with("MAESTRA_API_KEY is not set"),
+        "{line}"
+    );
 }
 
 /// A stand-in backend on a random port: answers every request with one canned response and
