@@ -79,26 +79,6 @@ pub enum ClientError {
     Failed { backend: Backend, detail: String },
 }
 
-impl ClientError {
-    /// The backend this error came from; `None` when none could be reached.
-    pub fn backend(&self) -> Option<Backend> {
-        match self {
-            ClientError::Rejected { backend, .. }
-            | ClientError::StreamFailed { backend, .. }
-            | ClientError::Failed { backend, .. } => Some(*backend),
-            ClientError::Unreachable(_) => None,
-        }
-    }
-
-    /// The HTTP status of a rejection.
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            ClientError::Rejected { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-}
-
 /// A message for `POST /api/maestra/core`.
 #[derive(Debug, Clone)]
 pub struct AskRequest<'a> {
@@ -660,4 +640,67 @@ fn describe(error: &reqwest::Error) -> String {
 /// Error text from elsewhere, kept to one line.
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(base: &str) -> Target {
+        Target {
+            backend: Backend::Cloud,
+            base: Url::parse(base).unwrap(),
+            http: reqwest::Client::new(),
+            api_key: None,
+        }
+    }
+
+    #[test]
+    fn endpoints_keep_the_base_path_and_encode_each_segment() {
+        assert_eq!(
+            target("http://127.0.0.1:8825")
+                .endpoint(&["api", "maestra", "core"])
+                .as_str(),
+            "http://127.0.0.1:8825/api/maestra/core"
+        );
+        assert_eq!(
+            target("https://example.test/maestra/")
+                .endpoint(&["api", "maestra", "conversations", "conv_1"])
+                .as_str(),
+            "https://example.test/maestra/api/maestra/conversations/conv_1"
+        );
+        assert_eq!(
+            target("http://127.0.0.1:8825")
+                .endpoint(&["api", "maestra", "conversations", "../x?y"])
+                .as_str(),
+            "http://127.0.0.1:8825/api/maestra/conversations/..%2Fx%3Fy"
+        );
+    }
+
+    #[test]
+    fn urls_are_shown_without_their_credentials() {
+        assert_eq!(
+            target("https://user:hunter2@example.test/").shown(),
+            "https://example.test"
+        );
+    }
+
+    #[test]
+    fn a_rejection_carries_the_envelopes_code_and_message_on_one_line() {
+        let body = br#"{"error":{"code":"payload_too_large","message":"message: too\nlarge","request_id":"r"}}"#;
+        let error = rejected(Backend::Local, StatusCode::PAYLOAD_TOO_LARGE, body);
+        assert_eq!(
+            error.to_string(),
+            "local backend answered 413 payload_too_large: message: too large"
+        );
+        let error = rejected(
+            Backend::Cloud,
+            StatusCode::BAD_GATEWAY,
+            b"<html>proxy</html>",
+        );
+        assert_eq!(
+            error.to_string(),
+            "cloud backend answered 502 http_error: Bad Gateway"
+        );
+    }
 }
