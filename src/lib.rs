@@ -5,10 +5,12 @@
 
 pub mod api;
 pub mod auth;
+pub mod client;
 pub mod commands;
 pub mod config;
 pub mod db;
 pub mod domain;
+pub mod mcp;
 pub mod metrics;
 pub mod ratelimit;
 pub mod responder;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use maestra::commands::install::{InstallOpts, UninstallOpts};
-use maestra::commands::{self, keys::KeysCommand};
+use maestra::commands::{self, ask::AskArgs, health::HealthArgs, keys::KeysCommand};
 
 /// Maestra Backend: one HTTP service behind the IDE, browser, CLI and mobile surfaces.
 #[derive(Parser)]
@@ -31,6 +31,12 @@ enum Command {
     Install(InstallOpts),
     /// Stop the auto-start service and remove its file. Conversations and settings are kept.
     Uninstall(UninstallOpts),
+    /// Send one message and print the reply: the local backend first, the cloud as fallback.
+    Ask(AskArgs),
+    /// Show the local and the cloud backend's health side by side (exit 1 if neither is up).
+    Health(HealthArgs),
+    /// Run the conversation-hub MCP server on stdio (for IDEs: "command": "maestra", "args": ["mcp"]).
+    Mcp,
 }
 
 fn main() -> ExitCode {
@@ -41,6 +47,9 @@ fn main() -> ExitCode {
         Command::Keys(command) => commands::keys::run(command),
         Command::Install(opts) => commands::install::install(&opts),
         Command::Uninstall(opts) => commands::install::uninstall(&opts),
+        Command::Ask(args) => commands::ask::run(args),
+        Command::Health(args) => commands::health::run(args),
+        Command::Mcp => commands::mcp::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

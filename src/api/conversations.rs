@@ -6,7 +6,7 @@ use serde_json::json;
 
 use super::caller::Caller;
 use super::errors::ApiError;
-use super::{AppState, parse_number};
+use super::{AppState, openapi, parse_number};
 use crate::domain::{ConversationId, UserId};
 use crate::store::Owner;
 
@@ -44,6 +44,13 @@ fn conversation_id(path: &str) -> Result<ConversationId, ApiError> {
     Ok(ConversationId::parse(path)?)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/maestra/conversations",
+    tag = "conversations",
+    params(openapi::ListQuery),
+    responses(openapi::ListResponses)
+)]
 pub async fn list(
     state: web::Data<AppState>,
     caller: Caller,
@@ -67,6 +74,13 @@ pub async fn list(
     })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/maestra/conversations/{conversation_id}",
+    tag = "conversations",
+    params(openapi::ConversationPath, openapi::MessagesQuery),
+    responses(openapi::MessagesResponses)
+)]
 pub async fn get(
     state: web::Data<AppState>,
     caller: Caller,
@@ -92,6 +106,13 @@ pub async fn get(
     })))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/maestra/conversations/{conversation_id}",
+    tag = "conversations",
+    params(openapi::ConversationPath, openapi::OwnerQuery),
+    responses(openapi::DeleteResponses)
+)]
 pub async fn delete(
     state: web::Data<AppState>,
     caller: Caller,

@@ -33,6 +33,8 @@ struct CoreResponse {
     backend: &'static str,
 }
 
+#[utoipa::path(post, path = "/api/maestra/core", tag = "conversations",
+    request_body = super::openapi::CoreRequest, responses(super::openapi::CoreResponses))]
 pub async fn core(
     state: web::Data<AppState>,
     metrics: web::Data<Metrics>,

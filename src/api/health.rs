@@ -9,6 +9,12 @@ use serde_json::json;
 
 use super::AppState;
 
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "service",
+    responses(super::openapi::HealthResponses)
+)]
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let storage = state.service.store().check().await;
     let body = |status: &str, storage: &str| {

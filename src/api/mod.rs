@@ -7,6 +7,7 @@ pub mod errors;
 mod health;
 mod metrics;
 pub mod middleware;
+pub mod openapi;
 pub mod request_id;
 
 use std::sync::Arc;
@@ -76,6 +77,11 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_message_bytes: usize, gate: O
     .service(
         web::resource("/metrics")
             .route(web::get().to(metrics::metrics))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/openapi.json")
+            .route(web::get().to(openapi::openapi_json))
             .default_service(web::to(method_not_allowed)),
     )
     .default_service(web::to(not_found));

@@ -11,7 +11,6 @@ use clap::{Args, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::PgPool;
 
-use super::migrate::runtime;
 use crate::auth::KeyId;
 use crate::auth::repository::{self, KeyRow, NewKey};
 use crate::db;
@@ -63,7 +62,7 @@ pub struct CreateArgs {
 pub fn run(command: KeysCommand) -> anyhow::Result<()> {
     let (settings, _telemetry) = super::quiet_settings()?;
     let url = settings.require_database_url()?.clone();
-    runtime()?.block_on(async {
+    super::one_shot_runtime()?.block_on(async {
         let pool = db::connect(&url, 2).await?;
         db::migrate(&pool).await?;
         match command {

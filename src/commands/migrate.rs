@@ -5,7 +5,7 @@ use crate::db;
 pub fn run() -> anyhow::Result<()> {
     let (settings, _telemetry) = super::quiet_settings()?;
     let url = settings.require_database_url()?.clone();
-    runtime()?.block_on(async {
+    super::one_shot_runtime()?.block_on(async {
         let pool = db::connect(&url, 1).await?;
         db::migrate(&pool).await?;
         println!(
@@ -14,11 +14,4 @@ pub fn run() -> anyhow::Result<()> {
         );
         Ok(())
     })
-}
-
-/// A small runtime for one-shot commands.
-pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
 }

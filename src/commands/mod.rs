@@ -1,8 +1,11 @@
 //! One module per `maestra` subcommand: its options and its `run`; `main.rs` only parses and
 //! dispatches.
 
+pub mod ask;
+pub mod health;
 pub mod install;
 pub mod keys;
+pub mod mcp;
 pub mod migrate;
 pub mod serve;
 
@@ -18,4 +21,24 @@ pub fn quiet_settings() -> anyhow::Result<(Settings, TelemetryGuard)> {
     }
     let guard = telemetry::init(&settings.log, LogOutput::Stderr)?;
     Ok((settings, guard))
+}
+
+/// Logs for a client command (`ask`, `health`, `mcp`): warnings only unless RUST_LOG says
+/// otherwise, on stderr, so stdout carries only the command's output (for `mcp`, JSON-RPC).
+/// Keep the guard until the command ends.
+pub fn client_logs() -> anyhow::Result<TelemetryGuard> {
+    telemetry::init(
+        &crate::config::LogSettings {
+            format: crate::config::LogFormat::Json,
+            level: "warn".to_owned(),
+        },
+        LogOutput::Stderr,
+    )
+}
+
+/// The runtime a one-shot command runs on: one thread is plenty for a few requests.
+pub fn one_shot_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }

@@ -6,12 +6,15 @@
 )]
 
 mod bad_input;
+mod clients;
 mod cloud;
 mod conversations;
 mod core;
 mod health;
 mod helpers;
 mod hostile;
+mod mcp;
 mod observability;
+mod openapi;
 mod process;
 mod store;
