@@ -35,10 +35,22 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/health/live",
+    tag = "service",
+    responses((status = 200, description = "The process answers; nothing else is checked", body = super::openapi::Liveness))
+)]
 pub async fn live() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "alive"}))
 }
 
+#[utoipa::path(
+    get,
+    path = "/health/ready",
+    tag = "service",
+    responses(super::openapi::ReadyResponses)
+)]
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     if state.draining.load(Ordering::Relaxed) {
         return HttpResponse::ServiceUnavailable()

@@ -10,6 +10,12 @@ use super::errors::ApiError;
 use crate::config::Mode;
 use crate::metrics::Metrics;
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "service",
+    responses(super::openapi::MetricsResponses)
+)]
 pub async fn metrics(
     req: HttpRequest,
     state: web::Data<AppState>,

@@ -24,6 +24,9 @@ use crate::config::Mode;
     ),
     paths(
         super::health::health,
+        super::health::live,
+        super::health::ready,
+        super::metrics::metrics,
         openapi_json,
         super::core::core,
         super::conversations::list,
@@ -31,7 +34,7 @@ use crate::config::Mode;
         super::conversations::delete,
     ),
     // The response bodies (request bodies are collected on their own).
-    components(schemas(ErrorEnvelope, Health, CoreResponse, ConversationList, MessagePage, Deleted)),
+    components(schemas(ErrorEnvelope, Health, Liveness, Readiness, CoreResponse, ConversationList, MessagePage, Deleted)),
     modifiers(&RequestIds, &ApiKeys),
     tags(
         (name = "service", description = "The service itself"),
@@ -117,6 +120,22 @@ impl Modify for ApiKeys {
             SecurityRequirement::new("api_key", Vec::<String>::new()),
             SecurityRequirement::new("bearer", Vec::<String>::new()),
         ];
+        // Cloud mode's /metrics takes its own token, MAESTRA_METRICS_TOKEN.
+        components.add_security_scheme(
+            "metrics_token",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+        if let Some(metrics) = openapi
+            .paths
+            .paths
+            .get_mut("/metrics")
+            .and_then(|i| i.get.as_mut())
+        {
+            metrics.security = Some(vec![SecurityRequirement::new(
+                "metrics_token",
+                Vec::<String>::new(),
+            )]);
+        }
         for (path, item) in openapi.paths.paths.iter_mut() {
             if !path.starts_with("/api/") {
                 continue;
@@ -175,6 +194,35 @@ pub struct Health {
     pub mode: ServerMode,
     pub storage: StorageState,
     pub uptime_seconds: u64,
+}
+
+/// `GET /health/live`: the process answers.
+#[derive(ToSchema)]
+pub struct Liveness {
+    pub status: LiveStatus,
+}
+
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum LiveStatus {
+    Alive,
+}
+
+/// `GET /health/ready`: whether to send this server traffic.
+#[derive(ToSchema)]
+pub struct Readiness {
+    pub status: ReadyStatus,
+    /// Why it is not ready.
+    #[schema(nullable = false)]
+    pub reason: Option<String>,
+}
+
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+pub enum ReadyStatus {
+    Ready,
+    Draining,
+    NotReady,
 }
 
 #[derive(ToSchema)]
@@ -350,6 +398,29 @@ pub enum HealthResponses {
     /// The storage cannot be used: `status` is `degraded`.
     #[response(status = 503)]
     Degraded(Health),
+}
+
+#[derive(IntoResponses)]
+pub enum ReadyResponses {
+    /// Storage (and in cloud mode the migrations) usable: send traffic.
+    #[response(status = 200)]
+    Ready(Readiness),
+    /// Draining after SIGTERM, or storage unusable: send no traffic.
+    #[response(status = 503)]
+    NotReady(Readiness),
+}
+
+#[derive(IntoResponses)]
+pub enum MetricsResponses {
+    /// The Prometheus text format, version 0.0.4.
+    #[response(status = 200, content_type = "text/plain; version=0.0.4")]
+    Metrics(String),
+    /// Cloud mode: the bearer token is missing or wrong.
+    #[response(status = 401)]
+    Unauthorized(ErrorEnvelope),
+    /// Cloud mode without MAESTRA_METRICS_TOKEN: metrics are off.
+    #[response(status = 403)]
+    Off(ErrorEnvelope),
 }
 
 #[derive(IntoResponses)]

@@ -121,6 +121,9 @@ async fn every_route_is_documented_and_local_responses_match_the_document() {
             "get /api/maestra/conversations",
             "get /api/maestra/conversations/{conversation_id}",
             "get /health",
+            "get /health/live",
+            "get /health/ready",
+            "get /metrics",
             "get /openapi.json",
             "post /api/maestra/core",
         ]
@@ -132,6 +135,14 @@ async fn every_route_is_documented_and_local_responses_match_the_document() {
         .check("/health", "get", app.get("/health").await)
         .await;
     assert_eq!(health["status"], "healthy");
+    let (_, live) = contract
+        .check("/health/live", "get", app.get("/health/live").await)
+        .await;
+    assert_eq!(live["status"], "alive");
+    let (_, ready) = contract
+        .check("/health/ready", "get", app.get("/health/ready").await)
+        .await;
+    assert_eq!(ready["status"], "ready");
     contract
         .check("/openapi.json", "get", app.get("/openapi.json").await)
         .await;
