@@ -157,6 +157,37 @@ impl ServerProcess {
         }
     }
 
+    /// Starts `maestra serve` on the port in `vars` (cloud mode has no port file) and waits
+    /// until it answers `/health`.
+    pub async fn start_at_port(data_dir: &Path, vars: &[(&str, &str)]) -> ServerProcess {
+        let port: u16 = vars
+            .iter()
+            .find(|(k, _)| *k == "MAESTRA_PORT")
+            .map(|(_, v)| v.parse().unwrap())
+            .expect("MAESTRA_PORT in vars");
+        let mut server = ServerProcess {
+            child: maestra_command(data_dir, vars)
+                .arg("serve")
+                .spawn()
+                .unwrap(),
+            port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let client = reqwest::Client::new();
+        loop {
+            assert!(Instant::now() < deadline, "the server did not start");
+            assert!(
+                server.child.try_wait().unwrap().is_none(),
+                "the server exited"
+            );
+            let health = client.get(server.url("/health")).send().await;
+            if health.is_ok_and(|r| r.status() == 200) {
+                return server;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
@@ -341,5 +372,29 @@ impl TcpProxy {
 
     pub fn restore(&self) {
         self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// All messages of a conversation, following pagination.
+pub async fn all_messages(base: &str, key: Option<&str>, conversation: &str) -> Vec<Value> {
+    let client = reqwest::Client::new();
+    let mut messages = Vec::new();
+    let mut after = 0;
+    loop {
+        let url = format!(
+            "{base}/api/maestra/conversations/{conversation}?user_id=ana&after_seq={after}&limit=1000"
+        );
+        let mut request = client.get(url);
+        if let Some(key) = key {
+            request = request.header("X-API-Key", key);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200, "{conversation} is readable");
+        let page: Value = response.json().await.unwrap();
+        messages.extend(page["messages"].as_array().unwrap().iter().cloned());
+        match page["next_after_seq"].as_i64() {
+            Some(next) => after = next,
+            None => return messages,
+        }
     }
 }

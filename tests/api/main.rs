@@ -17,4 +17,5 @@ mod mcp;
 mod observability;
 mod openapi;
 mod process;
+mod reliability;
 mod store;
