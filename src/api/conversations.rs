@@ -59,6 +59,9 @@ pub async fn list(
     let owner = query.owner(&caller)?;
     let limit = query.limit(DEFAULT_CONVERSATIONS, MAX_CONVERSATIONS)?;
     let offset: usize = parse_number("offset", query.offset.as_deref(), 0)?;
+    if i64::try_from(offset).is_err() {
+        return Err(ApiError::InvalidRequest("offset: too large".to_owned()));
+    }
     // One more than asked tells whether another page exists.
     let mut page = state
         .service

@@ -62,27 +62,27 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_message_bytes: usize, gate: O
     .service(
         web::resource("/health")
             .route(web::get().to(health::health))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(web::to(only("GET"))),
     )
     .service(
         web::resource("/health/live")
             .route(web::get().to(health::live))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(web::to(only("GET"))),
     )
     .service(
         web::resource("/health/ready")
             .route(web::get().to(health::ready))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(web::to(only("GET"))),
     )
     .service(
         web::resource("/metrics")
             .route(web::get().to(metrics::metrics))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(web::to(only("GET"))),
     )
     .service(
         web::resource("/openapi.json")
             .route(web::get().to(openapi::openapi_json))
-            .default_service(web::to(method_not_allowed)),
+            .default_service(web::to(only("GET"))),
     )
     .default_service(web::to(not_found));
     match gate {
@@ -100,18 +100,18 @@ fn api_routes() -> Scope {
         .service(
             web::resource("/maestra/core")
                 .route(web::post().to(core::core))
-                .default_service(web::to(method_not_allowed)),
+                .default_service(web::to(only("POST"))),
         )
         .service(
             web::resource("/maestra/conversations")
                 .route(web::get().to(conversations::list))
-                .default_service(web::to(method_not_allowed)),
+                .default_service(web::to(only("GET"))),
         )
         .service(
             web::resource("/maestra/conversations/{conversation_id}")
                 .route(web::get().to(conversations::get))
                 .route(web::delete().to(conversations::delete))
-                .default_service(web::to(method_not_allowed)),
+                .default_service(web::to(only("GET, DELETE"))),
         )
         .default_service(web::to(not_found))
 }
@@ -156,12 +156,25 @@ async fn not_found(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError
     )))
 }
 
-async fn method_not_allowed(req: HttpRequest) -> actix_web::HttpResponse {
-    errors::envelope(
-        actix_web::http::StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        &format!("{} is not allowed on {}", req.method(), req.path()),
-    )
+/// A resource's answer to any other method: 405 with the `Allow` header RFC 9110 requires.
+fn only(
+    allowed: &'static str,
+) -> impl Fn(HttpRequest) -> std::future::Ready<actix_web::HttpResponse> + Clone {
+    move |req: HttpRequest| {
+        let mut response = errors::envelope(
+            actix_web::http::StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            &format!(
+                "{} is not allowed on {} (allowed: {allowed})",
+                req.method(),
+                req.path()
+            ),
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static(allowed));
+        std::future::ready(response)
+    }
 }
 
 fn json_error(error: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {

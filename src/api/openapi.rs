@@ -254,12 +254,9 @@ pub struct CoreRequest {
     /// Which client sends it: windsurf, browser_ext, cli, mobile, ...
     #[schema(pattern = "^[A-Za-z0-9._@-]{1,128}$", example = "browser_ext")]
     pub surface_id: String,
-    /// The conversation to continue; absent starts a new one with a generated `conv_…` id.
-    #[schema(
-        pattern = "^[A-Za-z0-9_-]{1,128}$",
-        example = "conv_demo",
-        nullable = false
-    )]
+    /// The conversation to continue; absent (or null) starts a new one with a generated
+    /// `conv_…` id.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,128}$", example = "conv_demo")]
     pub conversation_id: Option<String>,
     /// Not blank; at most the server's limit (32 KiB by default), else 413.
     #[schema(min_length = 1, example = "Hello")]
@@ -356,6 +353,7 @@ pub struct Deleted {
 #[into_params(parameter_in = Path)]
 pub struct ConversationPath {
     /// 1-128 of A-Z a-z 0-9 _ -
+    #[param(pattern = r"^[A-Za-z0-9_-]{1,128}$")]
     pub conversation_id: String,
 }
 
@@ -363,10 +361,13 @@ pub struct ConversationPath {
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Whose conversations.
+    #[param(pattern = r"^[A-Za-z0-9._@-]{1,128}$")]
     pub user_id: String,
     /// Page size, 1-100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
     /// How many to skip (default 0).
+    #[param(minimum = 0)]
     pub offset: Option<u64>,
 }
 
@@ -374,10 +375,12 @@ pub struct ListQuery {
 #[into_params(parameter_in = Query)]
 pub struct MessagesQuery {
     /// The conversation's owner.
+    #[param(pattern = r"^[A-Za-z0-9._@-]{1,128}$")]
     pub user_id: String,
     /// Only messages with a greater `seq` (default 0).
     pub after_seq: Option<i64>,
     /// Page size, 1-1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
@@ -385,6 +388,7 @@ pub struct MessagesQuery {
 #[into_params(parameter_in = Query)]
 pub struct OwnerQuery {
     /// The conversation's owner.
+    #[param(pattern = r"^[A-Za-z0-9._@-]{1,128}$")]
     pub user_id: String,
 }
 

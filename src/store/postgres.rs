@@ -236,7 +236,7 @@ impl ConversationStore for PgStore {
         )
         .bind(&owner.tenant)
         .bind(owner.user_id.as_str())
-        .bind(offset as i64)
+        .bind(i64::try_from(offset).unwrap_or(i64::MAX))
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;

@@ -302,6 +302,10 @@ async fn bad_query_parameters_are_rejected_naming_them() {
         ("/api/maestra/conversations?user_id=ana&limit=ten", "limit"),
         ("/api/maestra/conversations?user_id=ana&offset=-1", "offset"),
         (
+            "/api/maestra/conversations?user_id=ana&offset=9223372036854775808",
+            "offset",
+        ),
+        (
             "/api/maestra/conversations/conv_q?user_id=ana&after_seq=x",
             "after_seq",
         ),
