@@ -4,13 +4,18 @@
 //! Every value is read as text and parsed here, so a bad one stops start-up with one line that
 //! names the variable to fix. Loading reads and never writes.
 
-use std::collections::HashMap;
+mod llm;
+
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use config::{Config, Environment, File, FileFormat};
+use secrecy::SecretString;
 use serde::Deserialize;
+
+pub use llm::{LlmSettings, ProviderSettings};
 
 const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 const LOCAL_TOML: &str = include_str!("../config/local.toml");
@@ -75,6 +80,7 @@ pub struct Settings {
     pub history_messages: usize,
     pub cors_origins: Vec<String>,
     pub log: LogSettings,
+    pub llm: LlmSettings,
 }
 
 /// The layered values before parsing: text, exactly as written in a file or variable.
@@ -90,6 +96,18 @@ struct Raw {
     cors_origins: Option<String>,
     log_format: Option<String>,
     log_level: Option<String>,
+    // The model provider (parsed in config/llm.rs).
+    history_chars: Option<String>,
+    llm_base_url: Option<String>,
+    llm_api_key: Option<SecretString>,
+    llm_model: Option<String>,
+    llm_system_prompt: Option<String>,
+    llm_connect_timeout: Option<String>,
+    llm_request_timeout: Option<String>,
+    llm_max_retries: Option<String>,
+    llm_price_input: Option<String>,
+    llm_price_output: Option<String>,
+    llm_prices: Option<BTreeMap<String, llm::RawPrice>>,
 }
 
 impl Settings {
@@ -126,6 +144,7 @@ impl Settings {
     }
 
     fn parse(mode: Mode, raw: Raw, home: Option<&str>) -> Result<Self, ConfigError> {
+        let llm = llm::parse(&raw)?;
         let port = match non_empty(raw.port) {
             Some(port) => PortChoice::Fixed(parse_port("MAESTRA_PORT", &port)?),
             None => PortChoice::FirstFree(parse_port_range(
@@ -134,6 +153,7 @@ impl Settings {
             )?),
         };
         Ok(Self {
+            llm,
             mode,
             host: parse_host(&required("MAESTRA_HOST", raw.host)?)?,
             port,

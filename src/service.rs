@@ -6,10 +6,13 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 
-use crate::domain::{ConversationId, MessageText, NewMessage, SurfaceId, Usage};
-use crate::responder::{Prompt, Responder, ResponderError};
+use crate::domain::{ConversationId, Message, MessageText, NewMessage, SurfaceId, Usage};
+use crate::responder::{Deltas, Prompt, Reply, Responder, ResponderError};
 use crate::store::{ConversationStore, Owner, StoreError};
 use crate::usage_log::{UsageLog, UsageRecord};
+
+/// What the history window holds at most when no budget is set.
+const DEFAULT_HISTORY_CHARS: usize = 32_000;
 
 pub struct Turn {
     pub owner: Owner,
@@ -30,6 +33,8 @@ pub struct TurnOutcome {
     pub model: String,
     pub usage: Usage,
     pub created_at: DateTime<Utc>,
+    /// Time spent waiting for the responder (the model provider), in milliseconds.
+    pub provider_ms: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +55,7 @@ pub struct ConversationService {
     responder: Arc<dyn Responder>,
     usage_log: Option<UsageLog>,
     history_messages: usize,
+    history_chars: usize,
 }
 
 impl ConversationService {
@@ -64,7 +70,14 @@ impl ConversationService {
             responder,
             usage_log,
             history_messages,
+            history_chars: DEFAULT_HISTORY_CHARS,
         }
+    }
+
+    /// Caps the history the model sees at `chars` characters (the newest message always goes).
+    pub fn with_history_chars(mut self, chars: usize) -> Self {
+        self.history_chars = chars.max(1);
+        self
     }
 
     pub fn store(&self) -> &dyn ConversationStore {
@@ -73,6 +86,20 @@ impl ConversationService {
 
     #[tracing::instrument(name = "conversation.turn", skip_all, fields(conversation.id))]
     pub async fn turn(&self, turn: Turn) -> Result<TurnOutcome, TurnError> {
+        self.run(turn, None).await
+    }
+
+    /// A turn whose reply text also goes to `deltas` as the model writes it.
+    #[tracing::instrument(name = "conversation.turn", skip_all, fields(conversation.id))]
+    pub async fn turn_streaming(
+        &self,
+        turn: Turn,
+        deltas: Deltas,
+    ) -> Result<TurnOutcome, TurnError> {
+        self.run(turn, Some(deltas)).await
+    }
+
+    async fn run(&self, turn: Turn, deltas: Option<Deltas>) -> Result<TurnOutcome, TurnError> {
         let started = Instant::now();
         let conversation_id = turn
             .conversation_id
@@ -84,24 +111,22 @@ impl ConversationService {
             .store
             .append(&turn.owner, &conversation_id, user_message)
             .await?;
-        let history = self
+        let mut history = self
             .store
             .recent(&turn.owner, &conversation_id, self.history_messages)
             .await?;
+        keep_within(&mut history, self.history_chars);
 
         let prompt = Prompt {
             conversation_id: &conversation_id,
             history: &history,
         };
-        let reply = self
-            .responder
-            .reply(prompt)
-            .await
-            .map_err(|source| TurnError::Responder {
-                source,
-                conversation_id: conversation_id.clone(),
-                seq: stored.seq,
-            })?;
+        let (reply, provider_ms) = self.reply(prompt, deltas.as_ref()).await;
+        let reply = reply.map_err(|source| TurnError::Responder {
+            source,
+            conversation_id: conversation_id.clone(),
+            seq: stored.seq,
+        })?;
 
         let assistant = NewMessage::from_assistant(
             turn.surface_id.clone(),
@@ -139,6 +164,84 @@ impl ConversationService {
             model,
             usage: reply.usage,
             created_at: answer.created_at,
+            provider_ms,
         })
+    }
+
+    /// The responder's reply and how long it took, in milliseconds.
+    async fn reply(
+        &self,
+        prompt: Prompt<'_>,
+        deltas: Option<&Deltas>,
+    ) -> (Result<Reply, ResponderError>, f64) {
+        let started = Instant::now();
+        let reply = match deltas {
+            Some(deltas) => self.responder.reply_streaming(prompt, deltas).await,
+            None => self.responder.reply(prompt).await,
+        };
+        (reply, started.elapsed().as_secs_f64() * 1000.0)
+    }
+}
+
+/// Drops the oldest messages until the history fits in `budget` characters; the newest
+/// message (the user's new one) always stays, whatever its size.
+fn keep_within(history: &mut Vec<Message>, budget: usize) {
+    let mut total = 0;
+    let mut first_kept = history.len();
+    for (i, message) in history.iter().enumerate().rev() {
+        total += message.content.chars().count();
+        if total > budget && first_kept < history.len() {
+            break;
+        }
+        first_kept = i;
+    }
+    history.drain(..first_kept);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Role;
+
+    fn history(lengths: &[usize]) -> Vec<Message> {
+        lengths
+            .iter()
+            .enumerate()
+            .map(|(i, len)| Message {
+                id: format!("msg_{i}"),
+                seq: i as i64 + 1,
+                role: Role::User,
+                surface_id: SurfaceId::parse("cli").unwrap(),
+                content: "é".repeat(*len),
+                created_at: Utc::now(),
+                model: None,
+                usage: None,
+            })
+            .collect()
+    }
+
+    fn seqs(history: &[Message]) -> Vec<i64> {
+        history.iter().map(|m| m.seq).collect()
+    }
+
+    #[test]
+    fn the_oldest_messages_go_first_when_the_history_is_over_budget() {
+        let mut h = history(&[40, 30, 20, 10]);
+        keep_within(&mut h, 60);
+        assert_eq!(seqs(&h), [2, 3, 4]);
+    }
+
+    #[test]
+    fn a_history_within_budget_is_kept_whole() {
+        let mut h = history(&[10, 10, 10]);
+        keep_within(&mut h, 30);
+        assert_eq!(seqs(&h), [1, 2, 3]);
+    }
+
+    #[test]
+    fn the_newest_message_is_kept_even_when_it_alone_is_over_budget() {
+        let mut h = history(&[5, 500]);
+        keep_within(&mut h, 100);
+        assert_eq!(seqs(&h), [2]);
     }
 }

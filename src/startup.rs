@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 
 use crate::api::{self, AppState, middleware};
 use crate::config::{Mode, PortChoice, Settings};
-use crate::responder::OfflineResponder;
+use crate::responder;
 use crate::service::ConversationService;
 use crate::store::FileStore;
 use crate::usage_log::UsageLog;
@@ -54,10 +54,11 @@ impl Application {
         let usage_log = UsageLog::open(&data_dir.join("maestra_metrics.jsonl"))?;
         let service = ConversationService::new(
             Arc::new(store),
-            Arc::new(OfflineResponder),
+            responder::from_settings(&settings.llm)?,
             Some(usage_log),
             settings.history_messages,
-        );
+        )
+        .with_history_chars(settings.llm.history_chars);
 
         let listener = bind(settings.host, &settings.port)?;
         let port = listener.local_addr()?.port();

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use async_trait::async_trait;
 
-use super::{Prompt, Reply, Responder, ResponderError};
+use super::{Deltas, Prompt, Reply, Responder, ResponderError};
 use crate::domain::{Role, Usage};
 
 pub const OFFLINE_MODEL: &str = "maestra-offline";
@@ -57,6 +57,19 @@ impl Responder for OfflineResponder {
             model: OFFLINE_MODEL.to_owned(),
         })
     }
+
+    /// The reply in a few pieces, sentence by sentence, so that streaming clients see deltas.
+    async fn reply_streaming(
+        &self,
+        prompt: Prompt<'_>,
+        deltas: &Deltas,
+    ) -> Result<Reply, ResponderError> {
+        let reply = self.reply(prompt).await?;
+        for piece in reply.text.split_inclusive(". ") {
+            deltas.send(piece);
+        }
+        Ok(reply)
+    }
 }
 
 /// The usual rule of thumb, about four bytes of English per token.
@@ -106,5 +119,27 @@ mod tests {
         assert!(reply.text.contains("\"Hello\""));
         assert_eq!(reply.usage.cost_usd, 0.0);
         assert!(reply.usage.prompt_tokens > 0 && reply.usage.completion_tokens > 0);
+    }
+
+    #[tokio::test]
+    async fn a_streamed_offline_reply_comes_in_several_pieces_that_make_the_whole() {
+        let id = ConversationId::parse("conv_1").unwrap();
+        let history = [message(1, Role::User, "cli", "Hello")];
+        let (deltas, mut pieces) = Deltas::channel();
+        let prompt = Prompt {
+            conversation_id: &id,
+            history: &history,
+        };
+        let reply = OfflineResponder
+            .reply_streaming(prompt, &deltas)
+            .await
+            .unwrap();
+        drop(deltas);
+        let mut received = Vec::new();
+        while let Some(piece) = pieces.recv().await {
+            received.push(piece);
+        }
+        assert!(received.len() > 1, "{received:?}");
+        assert_eq!(received.concat(), reply.text);
     }
 }
