@@ -91,7 +91,10 @@ pub fn cors(extra_origins: &[String]) -> Cors {
             header::HeaderName::from_static("idempotency-key"),
             header::HeaderName::from_static("traceparent"),
         ])
-        .expose_headers([header::HeaderName::from_static("x-request-id")])
+        .expose_headers([
+            header::HeaderName::from_static("x-request-id"),
+            header::HeaderName::from_static(core::OVERHEAD_HEADER),
+        ])
         .max_age(3600)
 }
 

@@ -22,6 +22,27 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(&[]).await
 }
 
+/// The model the tests configure, and its price in USD per million input / output tokens.
+pub const TEST_MODEL: &str = "fake-model";
+pub const TEST_PRICE_INPUT: &str = "2.5";
+pub const TEST_PRICE_OUTPUT: &str = "10";
+pub const TEST_API_KEY: &str = "sk-test-do-not-log";
+
+/// The service with `base_url` as its model provider, short timeouts, and `vars` on top.
+pub async fn spawn_app_with_provider(base_url: &str, vars: &[(&str, &str)]) -> TestApp {
+    let mut all = vec![
+        ("MAESTRA_LLM_BASE_URL", base_url),
+        ("MAESTRA_LLM_MODEL", TEST_MODEL),
+        ("MAESTRA_LLM_API_KEY", TEST_API_KEY),
+        ("MAESTRA_LLM_PRICE_INPUT", TEST_PRICE_INPUT),
+        ("MAESTRA_LLM_PRICE_OUTPUT", TEST_PRICE_OUTPUT),
+        ("MAESTRA_LLM_CONNECT_TIMEOUT", "1"),
+        ("MAESTRA_LLM_REQUEST_TIMEOUT", "5"),
+    ];
+    all.extend_from_slice(vars);
+    spawn_app_with(&all).await
+}
+
 pub async fn spawn_app_with(vars: &[(&str, &str)]) -> TestApp {
     let data_dir = tempfile::tempdir().unwrap();
     let mut env: HashMap<String, String> = HashMap::from([
@@ -72,6 +93,28 @@ impl TestApp {
         let response = self.post_core(&body).await;
         assert_eq!(response.status(), 200, "core call failed");
         response.json().await.unwrap()
+    }
+
+    /// The conversation's stored messages, oldest first.
+    pub async fn messages(&self, user: &str, conversation: &str) -> Vec<Value> {
+        let response = self
+            .get(&format!(
+                "/api/maestra/conversations/{conversation}?user_id={user}"
+            ))
+            .await;
+        assert_eq!(response.status(), 200, "reading {conversation}");
+        let body: Value = response.json().await.unwrap();
+        body["messages"].as_array().unwrap().clone()
+    }
+
+    /// The cost ledger's lines.
+    pub fn ledger(&self) -> Vec<Value> {
+        let path = self.data_dir.path().join("maestra_metrics.jsonl");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     pub async fn get(&self, path_and_query: &str) -> reqwest::Response {

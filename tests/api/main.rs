@@ -8,7 +8,9 @@
 mod bad_input;
 mod conversations;
 mod core;
+mod fake_provider;
 mod health;
 mod helpers;
 mod process;
+mod provider;
 mod store;
