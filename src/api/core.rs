@@ -1,15 +1,24 @@
-//! `POST /api/maestra/core`: one message in, Maestra's reply out, both stored.
+//! `POST /api/maestra/core`: one message in, Maestra's reply out, both stored. With
+//! `"stream": true` or `Accept: text/event-stream`, the reply comes as Server-Sent Events:
+//! `delta` events as the model writes, then `done` with the full response object (or `error`).
 
+use std::convert::Infallible;
 use std::time::Instant;
 
-use actix_web::{HttpResponse, web};
+use actix_web::http::header;
+use actix_web::web::Bytes;
+use actix_web::{HttpRequest, HttpResponse, web};
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use super::errors::ApiError;
 use super::{AppState, request_id};
 use crate::domain::{ConversationId, MessageText, SurfaceId, Usage, UserId};
+use crate::responder::Deltas;
 use crate::service::{Turn, TurnError, TurnOutcome};
 use crate::store::Owner;
 
@@ -25,6 +34,8 @@ struct CoreRequest {
     #[serde(default)]
     conversation_id: Option<String>,
     message: String,
+    #[serde(default)]
+    stream: bool,
 }
 
 #[derive(Serialize)]
@@ -41,19 +52,23 @@ struct CoreResponse {
 }
 
 pub async fn core(
+    request: HttpRequest,
     state: web::Data<AppState>,
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
-    let turn = parse(&state, body.into_inner())?;
-    let outcome = finished(spawn_turn(&state, turn).await)?;
+    let (turn, stream) = parse(&state, body.into_inner())?;
+    if stream || accepts_event_stream(&request) {
+        return stream_turn(state, turn, started).await;
+    }
+    let outcome = finished(spawn_turn(&state, turn, None).await)?;
     let overhead = overhead_ms(started, outcome.provider_ms);
     Ok(HttpResponse::Ok()
         .insert_header((OVERHEAD_HEADER, format!("{overhead:.3}")))
         .json(respond(outcome, state.mode.as_str())))
 }
 
-fn parse(state: &AppState, body: serde_json::Value) -> Result<Turn, ApiError> {
+fn parse(state: &AppState, body: serde_json::Value) -> Result<(Turn, bool), ApiError> {
     let request: CoreRequest = serde_path_to_error::deserialize(body).map_err(|e| {
         let path = e.path().to_string();
         if path == "." {
@@ -62,7 +77,7 @@ fn parse(state: &AppState, body: serde_json::Value) -> Result<Turn, ApiError> {
             ApiError::InvalidRequest(format!("{path}: {}", e.inner()))
         }
     })?;
-    Ok(Turn {
+    let turn = Turn {
         owner: Owner {
             tenant: state.tenant.clone(),
             user_id: UserId::parse(&request.user_id)?,
@@ -75,7 +90,20 @@ fn parse(state: &AppState, body: serde_json::Value) -> Result<Turn, ApiError> {
             .transpose()?,
         message: MessageText::parse(request.message, state.max_message_bytes)?,
         request_id: request_id::current(),
-    })
+    };
+    Ok((turn, request.stream))
+}
+
+fn accepts_event_stream(request: &HttpRequest) -> bool {
+    request
+        .headers()
+        .get_all(header::ACCEPT)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|media| {
+            let essence = media.split(';').next().unwrap_or_default().trim();
+            essence.eq_ignore_ascii_case("text/event-stream")
+        })
 }
 
 /// Runs the turn in a task of its own: once the user's message is accepted, the turn runs to
@@ -83,9 +111,15 @@ fn parse(state: &AppState, body: serde_json::Value) -> Result<Turn, ApiError> {
 fn spawn_turn(
     state: &web::Data<AppState>,
     turn: Turn,
+    deltas: Option<Deltas>,
 ) -> JoinHandle<Result<TurnOutcome, TurnError>> {
     let state = state.clone();
-    let work = async move { state.service.turn(turn).await };
+    let work = async move {
+        match deltas {
+            Some(deltas) => state.service.turn_streaming(turn, deltas).await,
+            None => state.service.turn(turn).await,
+        }
+    };
     let work = request_id::scope(request_id::current(), work).instrument(tracing::Span::current());
     tokio::spawn(work)
 }
@@ -103,6 +137,83 @@ fn finished(
 
 fn overhead_ms(started: Instant, provider_ms: f64) -> f64 {
     (started.elapsed().as_secs_f64() * 1000.0 - provider_ms).max(0.0)
+}
+
+/// The streamed answer. It starts once the model's first piece of text is there, so that a
+/// failure before it (an unknown conversation, a provider that is down) still answers with its
+/// own status and JSON error; a failure after it is an `error` event.
+async fn stream_turn(
+    state: web::Data<AppState>,
+    turn: Turn,
+    started: Instant,
+) -> Result<HttpResponse, ApiError> {
+    let (deltas, mut pieces) = Deltas::channel();
+    let task = spawn_turn(&state, turn, Some(deltas));
+    let first = pieces.recv().await;
+    let backend = state.mode.as_str();
+    let request_id = request_id::current();
+    let last = match first {
+        // The turn is over already: its error, if any, is an ordinary error response.
+        None => {
+            let outcome = finished(task.await)?;
+            futures_util::future::Either::Left(futures_util::future::ready(done_event(
+                outcome, started, backend,
+            )))
+        }
+        Some(_) => {
+            futures_util::future::Either::Right(last_event(task, started, backend, request_id))
+        }
+    };
+    let rest = futures_util::stream::unfold(
+        pieces,
+        |mut pieces: mpsc::UnboundedReceiver<String>| async move {
+            pieces.recv().await.map(|piece| (piece, pieces))
+        },
+    );
+    let events = futures_util::stream::iter(first)
+        .chain(rest)
+        .map(|piece| event("delta", &json!({ "text": piece })))
+        .chain(futures_util::stream::once(last))
+        .map(Ok::<_, Infallible>);
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        // Proxies such as nginx would otherwise hold the events back.
+        .insert_header(("x-accel-buffering", "no"))
+        .streaming(events))
+}
+
+/// `done` with the response object, or `error` with the error envelope.
+async fn last_event(
+    task: JoinHandle<Result<TurnOutcome, TurnError>>,
+    started: Instant,
+    backend: &'static str,
+    request_id: String,
+) -> Bytes {
+    match finished(task.await) {
+        Ok(outcome) => done_event(outcome, started, backend),
+        Err(error) => {
+            if let ApiError::Internal(cause) = &error {
+                tracing::error!(request.id = %request_id, error = format!("{cause:#}"), "stream failed");
+            }
+            let envelope = json!({
+                "error": {"code": error.code(), "message": error.to_string(), "request_id": request_id}
+            });
+            event("error", &envelope)
+        }
+    }
+}
+
+fn done_event(outcome: TurnOutcome, started: Instant, backend: &'static str) -> Bytes {
+    let overhead = overhead_ms(started, outcome.provider_ms);
+    let mut body = serde_json::to_value(respond(outcome, backend)).unwrap_or_default();
+    body["overhead_ms"] = json!((overhead * 1000.0).round() / 1000.0);
+    event("done", &body)
+}
+
+/// One Server-Sent Event. JSON never holds a raw newline, so one `data:` line carries it.
+fn event(name: &str, data: &serde_json::Value) -> Bytes {
+    Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
 }
 
 fn respond(outcome: TurnOutcome, backend: &'static str) -> CoreResponse {

@@ -23,6 +23,10 @@ pub enum Step {
     /// A reply with `PROMPT_TOKENS` / `COMPLETION_TOKENS` of usage; streamed word by word when
     /// the request asks to stream (usage only if it asked for it with `stream_options`).
     Reply(String),
+    /// Like `Reply`, pausing between the streamed pieces.
+    SlowStream(String, Duration),
+    /// Streams this many pieces of the reply, then breaks the connection.
+    BreakMidStream(String, usize),
     /// An error status, with `Retry-After` when given, and an OpenAI-style error body.
     Status(u16, Option<&'static str>),
     /// Waits, then does the next step.
@@ -155,7 +159,9 @@ async fn answer(mut step: Step, request: &Value) -> HttpResponse {
         Step::Malformed => HttpResponse::Ok()
             .content_type("application/json")
             .body("{\"choices\": [oops"),
-        Step::Reply(text) if !streaming => {
+        Step::Reply(text) | Step::SlowStream(text, _) | Step::BreakMidStream(text, _)
+            if !streaming =>
+        {
             HttpResponse::Ok().json(json!({
                 "id": "chatcmpl-fake",
                 "object": "chat.completion",
@@ -164,7 +170,16 @@ async fn answer(mut step: Step, request: &Value) -> HttpResponse {
                 "usage": usage(),
             }))
         }
-        Step::Reply(text) => stream(&model, &text, include_usage),
+        Step::Reply(text) => stream(&model, &text, include_usage, Duration::ZERO, None),
+        Step::SlowStream(text, gap) => stream(&model, &text, include_usage, gap, None),
+        // Paced, so that the pieces are on the wire before the connection breaks.
+        Step::BreakMidStream(text, after) => stream(
+            &model,
+            &text,
+            include_usage,
+            Duration::from_millis(30),
+            Some(after),
+        ),
         Step::Delay(..) => unreachable!("delays are taken above"),
     }
 }
@@ -178,8 +193,14 @@ fn usage() -> Value {
 }
 
 /// The reply word by word as chat-completion chunks, then the finish, the usage (if asked
-/// for) and `[DONE]`.
-fn stream(model: &str, text: &str, include_usage: bool) -> HttpResponse {
+/// for) and `[DONE]`; or, with `break_after`, a connection broken after that many pieces.
+fn stream(
+    model: &str,
+    text: &str,
+    include_usage: bool,
+    gap: Duration,
+    break_after: Option<usize>,
+) -> HttpResponse {
     let chunk = |delta: Value, finish: Value| {
         json!({
             "id": "chatcmpl-fake",
@@ -188,21 +209,36 @@ fn stream(model: &str, text: &str, include_usage: bool) -> HttpResponse {
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
         })
     };
-    let mut events = vec![sse(&chunk(
+    let mut events: Vec<Result<Bytes, std::io::Error>> = vec![Ok(sse(&chunk(
         json!({"role": "assistant", "content": ""}),
         Value::Null,
-    ))];
-    for piece in text.split_inclusive(' ') {
-        events.push(sse(&chunk(json!({"content": piece}), Value::Null)));
+    )))];
+    for (i, piece) in text.split_inclusive(' ').enumerate() {
+        if break_after == Some(i) {
+            events.push(Err(std::io::Error::other("the fake breaks the stream")));
+            break;
+        }
+        events.push(Ok(sse(&chunk(json!({"content": piece}), Value::Null))));
     }
-    events.push(sse(&chunk(json!({}), json!("stop"))));
-    if include_usage {
-        events.push(sse(
-            &json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model, "choices": [], "usage": usage()}),
-        ));
+    if break_after.is_none() {
+        events.push(Ok(sse(&chunk(json!({}), json!("stop")))));
+        if include_usage {
+            events.push(Ok(sse(
+                &json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model, "choices": [], "usage": usage()}),
+            )));
+        }
+        events.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
     }
-    events.push(Bytes::from_static(b"data: [DONE]\n\n"));
-    let events = futures_util::stream::iter(events.into_iter().map(Ok::<_, std::io::Error>));
+    let events = futures_util::stream::unfold(
+        (VecDeque::from(events), true),
+        move |(mut events, first)| async move {
+            if !first && !gap.is_zero() {
+                tokio::time::sleep(gap).await;
+            }
+            let event = events.pop_front()?;
+            Some((event, (events, false)))
+        },
+    );
     HttpResponse::Ok()
         .content_type("text/event-stream")
         .streaming(events)

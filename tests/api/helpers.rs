@@ -95,6 +95,13 @@ impl TestApp {
         response.json().await.unwrap()
     }
 
+    /// Asks for the reply as Server-Sent Events (`"stream": true`).
+    pub async fn post_core_streaming(&self, body: &Value) -> reqwest::Response {
+        let mut body = body.clone();
+        body["stream"] = json!(true);
+        self.post_core(&body).await
+    }
+
     /// The conversation's stored messages, oldest first.
     pub async fn messages(&self, user: &str, conversation: &str) -> Vec<Value> {
         let response = self
@@ -132,6 +139,30 @@ impl TestApp {
             .await
             .unwrap()
     }
+}
+
+/// The events of a whole Server-Sent Events body, as (event name, JSON data).
+pub async fn read_events(response: reqwest::Response) -> Vec<(String, Value)> {
+    let text = response.text().await.unwrap();
+    parse_events(&text)
+}
+
+pub fn parse_events(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter(|block| !block.trim().is_empty())
+        .map(|block| {
+            let mut name = "message".to_owned();
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(value) = line.strip_prefix("event: ") {
+                    name = value.to_owned();
+                } else if let Some(value) = line.strip_prefix("data: ") {
+                    data.push_str(value);
+                }
+            }
+            (name, serde_json::from_str(&data).unwrap())
+        })
+        .collect()
 }
 
 /// Every file under `dir`, recursively.

@@ -14,3 +14,4 @@ mod helpers;
 mod process;
 mod provider;
 mod store;
+mod streaming;

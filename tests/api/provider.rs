@@ -265,3 +265,34 @@ async fn the_overhead_header_leaves_out_the_providers_time() {
         "overhead {overhead} ms of {total_ms} ms"
     );
 }
+
+#[tokio::test]
+async fn the_guides_cost_sum_equals_the_sum_of_the_responses_costs() {
+    let provider = FakeProvider::start(Step::reply("A reply in several words.")).await;
+    let app = spawn_app_with_provider(&provider.base_url, &[]).await;
+    let mut costs = Vec::new();
+    for i in 0..3 {
+        let body = app
+            .say("ana", "cli", Some("conv_sum"), &format!("q{i}"))
+            .await;
+        costs.push(body["usage"]["cost_usd"].as_f64().unwrap());
+    }
+    for i in 0..2 {
+        let response = app
+            .post_core_streaming(&hello(&format!("conv_sum_stream{i}")))
+            .await;
+        let events = crate::helpers::read_events(response).await;
+        let (_, done) = events.last().unwrap();
+        costs.push(done["usage"]["cost_usd"].as_f64().unwrap());
+    }
+    // `jq '.cost_usd'` reads each line's cost_usd; awk adds them up in order.
+    let ledger: Vec<f64> = app
+        .ledger()
+        .iter()
+        .map(|line| line["cost_usd"].as_f64().unwrap())
+        .collect();
+    assert_eq!(ledger.len(), 5);
+    let sum = |values: &[f64]| values.iter().sum::<f64>();
+    assert_eq!(sum(&ledger), sum(&costs));
+    assert!((sum(&ledger) - 5.0 * expected_cost()).abs() < 1e-12);
+}
