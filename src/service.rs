@@ -6,11 +6,13 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 
-use crate::domain::{ConversationId, Message, MessageText, NewMessage, SurfaceId, Usage};
+use crate::domain::{ConversationId, Message, MessageText, NewMessage, SurfaceId, Usage, UserId};
 use crate::responder::{Deltas, Prompt, Reply, Responder, ResponderError};
 use crate::store::{ConversationStore, Owner, StoreError};
 use crate::usage_log::{UsageLog, UsageRecord};
 
+/// The surface recorded in the ledger for the legacy advisor's one-off questions.
+pub const ADVISOR_SURFACE: &str = "advisor";
 /// What the history window holds at most when no budget is set.
 const DEFAULT_HISTORY_CHARS: usize = 32_000;
 
@@ -48,6 +50,23 @@ pub enum TurnError {
         conversation_id: ConversationId,
         seq: i64,
     },
+}
+
+/// A one-off question from the legacy advisor: answered, never stored.
+pub struct Question {
+    pub user_id: UserId,
+    /// The question, with the client's context (if any) before it.
+    pub text: MessageText,
+    pub request_id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub answer: String,
+    pub model: String,
+    pub usage: Usage,
+    pub created_at: DateTime<Utc>,
+    pub provider_ms: f64,
 }
 
 pub struct ConversationService {
@@ -118,7 +137,7 @@ impl ConversationService {
         keep_within(&mut history, self.history_chars);
 
         let prompt = Prompt {
-            conversation_id: &conversation_id,
+            conversation_id: Some(&conversation_id),
             history: &history,
         };
         let (reply, provider_ms) = self.reply(prompt, deltas.as_ref()).await;
@@ -144,9 +163,9 @@ impl ConversationService {
             log.record(&UsageRecord {
                 ts: answer.created_at,
                 request_id: &turn.request_id,
-                conversation_id: &conversation_id,
+                conversation_id: Some(&conversation_id),
                 user_id: &turn.owner.user_id,
-                surface_id: &turn.surface_id,
+                surface_id: turn.surface_id.as_str(),
                 model: &model,
                 latency_ms: started.elapsed().as_secs_f64() * 1000.0,
                 prompt_tokens: reply.usage.prompt_tokens,
@@ -164,6 +183,43 @@ impl ConversationService {
             model,
             usage: reply.usage,
             created_at: answer.created_at,
+            provider_ms,
+        })
+    }
+
+    /// Answers a one-off question; nothing is stored but its line in the cost ledger.
+    #[tracing::instrument(name = "advisor.ask", skip_all)]
+    pub async fn ask(&self, question: Question) -> Result<Answer, ResponderError> {
+        let started = Instant::now();
+        let surface_id = SurfaceId::parse(ADVISOR_SURFACE)
+            .map_err(|e| ResponderError::Provider(format!("internal: {e}")))?;
+        let history = [NewMessage::from_user(surface_id, question.text).into_message(1)];
+        let prompt = Prompt {
+            conversation_id: None,
+            history: &history,
+        };
+        let (reply, provider_ms) = self.reply(prompt, None).await;
+        let reply = reply?;
+        let created_at = Utc::now();
+        if let Some(log) = &self.usage_log {
+            log.record(&UsageRecord {
+                ts: created_at,
+                request_id: &question.request_id,
+                conversation_id: None,
+                user_id: &question.user_id,
+                surface_id: ADVISOR_SURFACE,
+                model: &reply.model,
+                latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+                prompt_tokens: reply.usage.prompt_tokens,
+                completion_tokens: reply.usage.completion_tokens,
+                cost_usd: reply.usage.cost_usd,
+            });
+        }
+        Ok(Answer {
+            answer: reply.text,
+            model: reply.model,
+            usage: reply.usage,
+            created_at,
             provider_ms,
         })
     }

@@ -1,5 +1,6 @@
 //! The HTTP surface: routes, their extractors' error handling, and the middleware around them.
 
+mod advisor;
 mod conversations;
 mod core;
 pub mod errors;
@@ -47,6 +48,11 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_message_bytes: usize) {
     .service(
         web::resource("/api/maestra/core")
             .route(web::post().to(core::core))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/maestra/advisor/ask")
+            .route(web::post().to(advisor::ask))
             .default_service(web::to(method_not_allowed)),
     )
     .service(

@@ -21,7 +21,8 @@ pub use openai::OpenAiResponder;
 /// What the model sees: the conversation's recent history, oldest first, ending with the
 /// user's new message, whichever surfaces wrote it.
 pub struct Prompt<'a> {
-    pub conversation_id: &'a ConversationId,
+    /// `None` for a one-off question that belongs to no conversation (the legacy advisor).
+    pub conversation_id: Option<&'a ConversationId>,
     pub history: &'a [Message],
 }
 

@@ -36,15 +36,19 @@ impl Responder for OfflineResponder {
             ""
         };
         let count = prompt.conversation_len();
+        let context = match prompt.conversation_id {
+            Some(id) => format!(
+                "Conversation {id} holds {count} message{} from {} surface{} ({}).",
+                if count == 1 { "" } else { "s" },
+                surfaces.len(),
+                if surfaces.len() == 1 { "" } else { "s" },
+                surfaces.into_iter().collect::<Vec<_>>().join(", "),
+            ),
+            None => "This one-off question belongs to no conversation.".to_owned(),
+        };
         let text = format!(
             "Maestra is running offline: no model provider is configured (set MAESTRA_LLM_BASE_URL \
-             to get real answers). Conversation {} holds {count} message{} from {} surface{} \
-             ({}). You said: \"{quote}{ellipsis}\"",
-            prompt.conversation_id,
-            if count == 1 { "" } else { "s" },
-            surfaces.len(),
-            if surfaces.len() == 1 { "" } else { "s" },
-            surfaces.into_iter().collect::<Vec<_>>().join(", "),
+             to get real answers). {context} You said: \"{quote}{ellipsis}\""
         );
         let prompt_chars: usize = prompt.history.iter().map(|m| m.content.len()).sum();
         Ok(Reply {
@@ -105,7 +109,7 @@ mod tests {
         ];
         let reply = OfflineResponder
             .reply(Prompt {
-                conversation_id: &id,
+                conversation_id: Some(&id),
                 history: &history,
             })
             .await
@@ -127,7 +131,7 @@ mod tests {
         let history = [message(1, Role::User, "cli", "Hello")];
         let (deltas, mut pieces) = Deltas::channel();
         let prompt = Prompt {
-            conversation_id: &id,
+            conversation_id: Some(&id),
             history: &history,
         };
         let reply = OfflineResponder

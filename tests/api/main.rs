@@ -5,6 +5,7 @@
     reason = "a failed unwrap in a test is a failed assertion"
 )]
 
+mod advisor;
 mod bad_input;
 mod conversations;
 mod core;
