@@ -12,3 +12,4 @@ pub mod startup;
 pub mod store;
 pub mod telemetry;
 pub mod usage_log;
+pub mod usage_report;

@@ -16,3 +16,4 @@ mod process;
 mod provider;
 mod store;
 mod streaming;
+mod usage;
