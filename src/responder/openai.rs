@@ -186,8 +186,19 @@ impl OpenAiResponder {
                 },
             );
         }
+        let json = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
         match deltas {
             None => self.read_completion(response).await,
+            // A server that ignores "stream": its whole answer is the one piece.
+            Some(deltas) if json => {
+                let reply = self.read_completion(response).await?;
+                deltas.send(&reply.text);
+                Ok(reply)
+            }
             Some(deltas) => self.read_stream(response, deltas).await,
         }
     }

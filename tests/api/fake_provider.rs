@@ -33,6 +33,8 @@ pub enum Step {
     Delay(Duration, Box<Step>),
     /// 200 with a body that is not JSON.
     Malformed,
+    /// A plain JSON completion even when the request asks to stream, as some servers do.
+    IgnoresStream(String),
 }
 
 impl Step {
@@ -159,7 +161,10 @@ async fn answer(mut step: Step, request: &Value) -> HttpResponse {
         Step::Malformed => HttpResponse::Ok()
             .content_type("application/json")
             .body("{\"choices\": [oops"),
-        Step::Reply(text) | Step::SlowStream(text, _) | Step::BreakMidStream(text, _)
+        Step::IgnoresStream(text)
+        | Step::Reply(text)
+        | Step::SlowStream(text, _)
+        | Step::BreakMidStream(text, _)
             if !streaming =>
         {
             HttpResponse::Ok().json(json!({
@@ -170,6 +175,11 @@ async fn answer(mut step: Step, request: &Value) -> HttpResponse {
                 "usage": usage(),
             }))
         }
+        Step::IgnoresStream(text) => HttpResponse::Ok().json(json!({
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": usage(),
+        })),
         Step::Reply(text) => stream(&model, &text, include_usage, Duration::ZERO, None),
         Step::SlowStream(text, gap) => stream(&model, &text, include_usage, gap, None),
         // Paced, so that the pieces are on the wire before the connection breaks.

@@ -94,6 +94,17 @@ async fn a_streamed_and_a_plain_call_with_the_same_tokens_cost_the_same() {
 }
 
 #[tokio::test]
+async fn a_provider_that_ignores_stream_true_still_gives_a_stream_in_one_piece() {
+    let provider = FakeProvider::start(Step::IgnoresStream(TEXT.to_owned())).await;
+    let app = spawn_app_with_provider(&provider.base_url, &[]).await;
+    let events = read_events(app.post_core_streaming(&hello("conv_json")).await).await;
+    let (text, names) = deltas_and_names(&events);
+    assert_eq!(names, ["delta", "done"]);
+    assert_eq!(text, TEXT);
+    assert_eq!(events[1].1["usage"]["cost_usd"], 0.0064);
+}
+
+#[tokio::test]
 async fn the_offline_responder_streams_too() {
     let app = spawn_app().await;
     let events = read_events(app.post_core_streaming(&hello("conv_off")).await).await;
