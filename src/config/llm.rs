@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use reqwest::Url;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use super::{ConfigError, Raw, non_empty, parse_positive, required};
@@ -59,7 +59,21 @@ pub(super) fn parse(raw: &Raw) -> Result<LlmSettings, ConfigError> {
     let api_key = raw
         .llm_api_key
         .clone()
-        .filter(|key| !secrecy::ExposeSecret::expose_secret(key).trim().is_empty());
+        .filter(|key| !key.expose_secret().trim().is_empty());
+    // It goes into a header; say what is wrong without repeating it.
+    if let Some(key) = &api_key
+        && !key
+            .expose_secret()
+            .trim()
+            .bytes()
+            .all(|b| b.is_ascii_graphic())
+    {
+        return Err(ConfigError::new(
+            "MAESTRA_LLM_API_KEY",
+            "must be printable ASCII without spaces (check for a stray quote or line break)",
+        ));
+    }
+    let api_key = api_key.map(|key| SecretString::from(key.expose_secret().trim()));
     let Some(base_url) = base_url else {
         if model.is_some() || api_key.is_some() {
             return Err(ConfigError::new(
@@ -212,8 +226,6 @@ fn parse_model_price(raw: &Raw) -> Result<Option<Price>, ConfigError> {
 mod tests {
     use std::collections::HashMap;
 
-    use secrecy::ExposeSecret;
-
     use super::super::Settings;
     use super::*;
 
@@ -263,6 +275,15 @@ mod tests {
         let key = settings.llm.provider.as_ref().unwrap().api_key.as_ref();
         assert_eq!(key.unwrap().expose_secret(), "sk-very-secret-value");
         assert!(!format!("{settings:?}").contains("very-secret"));
+    }
+
+    #[test]
+    fn an_unusable_api_key_is_refused_without_being_repeated() {
+        let mut vars = OLLAMA.to_vec();
+        vars.push(("MAESTRA_LLM_API_KEY", "sk-secret with-space"));
+        let err = load(&vars).unwrap_err();
+        assert_eq!(err.variable, "MAESTRA_LLM_API_KEY");
+        assert!(!err.to_string().contains("sk-secret"), "{err}");
     }
 
     #[test]
