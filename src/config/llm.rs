@@ -70,7 +70,7 @@ pub(super) fn parse(raw: &Raw) -> Result<LlmSettings, ConfigError> {
     {
         return Err(ConfigError::new(
             "MAESTRA_LLM_API_KEY",
-            "must be printable ASCII without spaces (check for a stray quote or line break)",
+            "must be printable ASCII without spaces (check for a stray space or line break)",
         ));
     }
     let api_key = api_key.map(|key| SecretString::from(key.expose_secret().trim()));
