@@ -4,7 +4,9 @@
 //! Every value is read as text and parsed here, so a bad one stops start-up with one line that
 //! names the variable to fix. Loading reads and never writes.
 
-use std::collections::HashMap;
+mod llm;
+
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::ratelimit::Quota;
+
+pub use llm::{LlmSettings, ProviderSettings};
 
 const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 const LOCAL_TOML: &str = include_str!("../config/local.toml");
@@ -102,6 +106,7 @@ pub struct Settings {
     pub drain: Duration,
     /// How long a request body may take to arrive (slow clients are cut off with 408).
     pub body_timeout: Duration,
+    pub llm: LlmSettings,
 }
 
 impl Settings {
@@ -139,6 +144,18 @@ struct Raw {
     metrics_token: Option<String>,
     drain_seconds: Option<String>,
     body_timeout_seconds: Option<String>,
+    // The model provider (parsed in config/llm.rs).
+    history_chars: Option<String>,
+    llm_base_url: Option<String>,
+    llm_api_key: Option<SecretString>,
+    llm_model: Option<String>,
+    llm_system_prompt: Option<String>,
+    llm_connect_timeout: Option<String>,
+    llm_request_timeout: Option<String>,
+    llm_max_retries: Option<String>,
+    llm_price_input: Option<String>,
+    llm_price_output: Option<String>,
+    llm_prices: Option<BTreeMap<String, llm::RawPrice>>,
 }
 
 impl Settings {
@@ -184,6 +201,7 @@ impl Settings {
     }
 
     fn parse(mode: Mode, raw: Raw, home: Option<&str>) -> Result<Self, ConfigError> {
+        let llm = llm::parse(&raw)?;
         let database_url = non_empty(raw.database_url)
             .map(parse_database_url)
             .transpose()?;
@@ -207,6 +225,7 @@ impl Settings {
             )?),
         };
         Ok(Self {
+            llm,
             mode,
             host: parse_host(&required("MAESTRA_HOST", raw.host)?)?,
             port,

@@ -20,3 +20,4 @@ pub mod startup;
 pub mod store;
 pub mod telemetry;
 pub mod usage_log;
+pub mod usage_report;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use maestra::commands::install::{InstallOpts, UninstallOpts};
 use maestra::commands::{self, ask::AskArgs, health::HealthArgs, keys::KeysCommand};
+use maestra::usage_report;
 
 /// Maestra Backend: one HTTP service behind the IDE, browser, CLI and mobile surfaces.
 #[derive(Parser)]
@@ -37,6 +38,9 @@ enum Command {
     Health(HealthArgs),
     /// Run the conversation-hub MCP server on stdio (for IDEs: "command": "maestra", "args": ["mcp"]).
     Mcp,
+    /// Requests, tokens and cost in USD per day (UTC) and model, read from the local ledger
+    /// <data>/maestra_metrics.jsonl (MAESTRA_DATA_DIR, default ~/.8825).
+    Usage(usage_report::Opts),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
         Command::Ask(args) => commands::ask::run(args),
         Command::Health(args) => commands::health::run(args),
         Command::Mcp => commands::mcp::run(),
+        Command::Usage(opts) => commands::usage::run(&opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

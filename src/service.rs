@@ -7,11 +7,16 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use tracing::Instrument;
 
-use crate::domain::{ConversationId, MessageText, NewMessage, SurfaceId, Usage};
+use crate::domain::{ConversationId, Message, MessageText, NewMessage, SurfaceId, Usage, UserId};
 use crate::metrics::Metrics;
-use crate::responder::{Prompt, Responder, ResponderError};
+use crate::responder::{Deltas, Prompt, Reply, Responder, ResponderError};
 use crate::store::{ConversationStore, Owner, StoreError};
 use crate::usage_log::{UsageLog, UsageRecord};
+
+/// The surface recorded in the ledger for the legacy advisor's one-off questions.
+pub const ADVISOR_SURFACE: &str = "advisor";
+/// What the history window holds at most when no budget is set.
+const DEFAULT_HISTORY_CHARS: usize = 32_000;
 
 pub struct Turn {
     pub owner: Owner,
@@ -34,8 +39,8 @@ pub struct TurnOutcome {
     pub model: String,
     pub usage: Usage,
     pub created_at: DateTime<Utc>,
-    /// How long the responder took; the rest of the request is the backend's own overhead.
-    pub provider_time: std::time::Duration,
+    /// Time spent waiting for the responder (the model provider), in milliseconds.
+    pub provider_ms: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,11 +56,31 @@ pub enum TurnError {
     },
 }
 
+/// A one-off question from the legacy advisor: answered, never stored.
+pub struct Question {
+    /// Whose cost it is (metrics by tenant).
+    pub tenant: String,
+    pub user_id: UserId,
+    /// The question, with the client's context (if any) before it.
+    pub text: MessageText,
+    pub request_id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub answer: String,
+    pub model: String,
+    pub usage: Usage,
+    pub created_at: DateTime<Utc>,
+    pub provider_ms: f64,
+}
+
 pub struct ConversationService {
     store: Arc<dyn ConversationStore>,
     responder: Arc<dyn Responder>,
     usage_log: Option<UsageLog>,
     history_messages: usize,
+    history_chars: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -72,8 +97,15 @@ impl ConversationService {
             responder,
             usage_log,
             history_messages,
+            history_chars: DEFAULT_HISTORY_CHARS,
             metrics,
         }
+    }
+
+    /// Caps the history the model sees at `chars` characters (the newest message always goes).
+    pub fn with_history_chars(mut self, chars: usize) -> Self {
+        self.history_chars = chars.max(1);
+        self
     }
 
     pub fn store(&self) -> &dyn ConversationStore {
@@ -82,6 +114,20 @@ impl ConversationService {
 
     #[tracing::instrument(name = "conversation.turn", skip_all, fields(conversation.id))]
     pub async fn turn(&self, turn: Turn) -> Result<TurnOutcome, TurnError> {
+        self.run(turn, None).await
+    }
+
+    /// A turn whose reply text also goes to `deltas` as the model writes it.
+    #[tracing::instrument(name = "conversation.turn", skip_all, fields(conversation.id))]
+    pub async fn turn_streaming(
+        &self,
+        turn: Turn,
+        deltas: Deltas,
+    ) -> Result<TurnOutcome, TurnError> {
+        self.run(turn, Some(deltas)).await
+    }
+
+    async fn run(&self, turn: Turn, deltas: Option<Deltas>) -> Result<TurnOutcome, TurnError> {
         let started = Instant::now();
         let conversation_id = turn
             .conversation_id
@@ -94,44 +140,24 @@ impl ConversationService {
             .store
             .append(&turn.owner, &conversation_id, user_message)
             .await?;
-        let history = self
+        let mut history = self
             .store
             .recent(&turn.owner, &conversation_id, self.history_messages)
             .await?;
+        keep_within(&mut history, self.history_chars);
 
         let prompt = Prompt {
-            conversation_id: &conversation_id,
+            conversation_id: Some(&conversation_id),
             history: &history,
         };
-        let provider_started = Instant::now();
-        let reply = self
-            .responder
-            .reply(prompt)
-            .instrument(tracing::info_span!("provider.reply"))
-            .await
-            .map_err(|source| {
-                self.metrics
-                    .provider_errors
-                    .with_label_values(&[source.kind()])
-                    .inc();
-                TurnError::Responder {
-                    source,
-                    conversation_id: conversation_id.clone(),
-                    seq: stored.seq,
-                }
-            })?;
-        let provider_time = provider_started.elapsed();
-        self.metrics
-            .provider_duration
-            .with_label_values(&[&reply.model])
-            .observe(provider_time.as_secs_f64());
-        self.metrics.record_usage(
-            &reply.model,
-            &turn.owner.tenant,
-            reply.usage.prompt_tokens,
-            reply.usage.completion_tokens,
-            reply.usage.cost_usd,
-        );
+        let (reply, provider_ms) = self
+            .reply(prompt, deltas.as_ref(), &turn.owner.tenant)
+            .await;
+        let reply = reply.map_err(|source| TurnError::Responder {
+            source,
+            conversation_id: conversation_id.clone(),
+            seq: stored.seq,
+        })?;
 
         let assistant = NewMessage::from_assistant(
             turn.surface_id.clone(),
@@ -150,9 +176,9 @@ impl ConversationService {
             log.record(&UsageRecord {
                 ts: answer.created_at,
                 request_id: &turn.request_id,
-                conversation_id: &conversation_id,
+                conversation_id: Some(&conversation_id),
                 user_id: &turn.owner.user_id,
-                surface_id: &turn.surface_id,
+                surface_id: turn.surface_id.as_str(),
                 model: &model,
                 latency_ms: started.elapsed().as_secs_f64() * 1000.0,
                 prompt_tokens: reply.usage.prompt_tokens,
@@ -170,7 +196,149 @@ impl ConversationService {
             model,
             usage: reply.usage,
             created_at: answer.created_at,
-            provider_time,
+            provider_ms,
         })
+    }
+
+    /// Answers a one-off question; nothing is stored but its line in the cost ledger.
+    #[tracing::instrument(name = "advisor.ask", skip_all)]
+    pub async fn ask(&self, question: Question) -> Result<Answer, ResponderError> {
+        let started = Instant::now();
+        let surface_id = SurfaceId::parse(ADVISOR_SURFACE)
+            .map_err(|e| ResponderError::Provider(format!("internal: {e}")))?;
+        let history = [NewMessage::from_user(surface_id, question.text).into_message(1)];
+        let prompt = Prompt {
+            conversation_id: None,
+            history: &history,
+        };
+        let (reply, provider_ms) = self.reply(prompt, None, &question.tenant).await;
+        let reply = reply?;
+        let created_at = Utc::now();
+        if let Some(log) = &self.usage_log {
+            log.record(&UsageRecord {
+                ts: created_at,
+                request_id: &question.request_id,
+                conversation_id: None,
+                user_id: &question.user_id,
+                surface_id: ADVISOR_SURFACE,
+                model: &reply.model,
+                latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+                prompt_tokens: reply.usage.prompt_tokens,
+                completion_tokens: reply.usage.completion_tokens,
+                cost_usd: reply.usage.cost_usd,
+            });
+        }
+        Ok(Answer {
+            answer: reply.text,
+            model: reply.model,
+            usage: reply.usage,
+            created_at,
+            provider_ms,
+        })
+    }
+
+    /// The responder's reply and how long it took, in milliseconds; measured for `tenant`.
+    async fn reply(
+        &self,
+        prompt: Prompt<'_>,
+        deltas: Option<&Deltas>,
+        tenant: &str,
+    ) -> (Result<Reply, ResponderError>, f64) {
+        let started = Instant::now();
+        let span = tracing::info_span!("provider.reply");
+        let reply = match deltas {
+            Some(deltas) => {
+                self.responder
+                    .reply_streaming(prompt, deltas)
+                    .instrument(span)
+                    .await
+            }
+            None => self.responder.reply(prompt).instrument(span).await,
+        };
+        let elapsed = started.elapsed();
+        match &reply {
+            Ok(reply) => {
+                self.metrics
+                    .provider_duration
+                    .with_label_values(&[&reply.model])
+                    .observe(elapsed.as_secs_f64());
+                self.metrics.record_usage(
+                    &reply.model,
+                    tenant,
+                    reply.usage.prompt_tokens,
+                    reply.usage.completion_tokens,
+                    reply.usage.cost_usd,
+                );
+            }
+            Err(e) => self
+                .metrics
+                .provider_errors
+                .with_label_values(&[e.kind()])
+                .inc(),
+        }
+        (reply, elapsed.as_secs_f64() * 1000.0)
+    }
+}
+
+/// Drops the oldest messages until the history fits in `budget` characters; the newest
+/// message (the user's new one) always stays, whatever its size.
+fn keep_within(history: &mut Vec<Message>, budget: usize) {
+    let mut total = 0;
+    let mut first_kept = history.len();
+    for (i, message) in history.iter().enumerate().rev() {
+        total += message.content.chars().count();
+        if total > budget && first_kept < history.len() {
+            break;
+        }
+        first_kept = i;
+    }
+    history.drain(..first_kept);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Role;
+
+    fn history(lengths: &[usize]) -> Vec<Message> {
+        lengths
+            .iter()
+            .enumerate()
+            .map(|(i, len)| Message {
+                id: format!("msg_{i}"),
+                seq: i as i64 + 1,
+                role: Role::User,
+                surface_id: SurfaceId::parse("cli").unwrap(),
+                content: "é".repeat(*len),
+                created_at: Utc::now(),
+                model: None,
+                usage: None,
+            })
+            .collect()
+    }
+
+    fn seqs(history: &[Message]) -> Vec<i64> {
+        history.iter().map(|m| m.seq).collect()
+    }
+
+    #[test]
+    fn the_oldest_messages_go_first_when_the_history_is_over_budget() {
+        let mut h = history(&[40, 30, 20, 10]);
+        keep_within(&mut h, 60);
+        assert_eq!(seqs(&h), [2, 3, 4]);
+    }
+
+    #[test]
+    fn a_history_within_budget_is_kept_whole() {
+        let mut h = history(&[10, 10, 10]);
+        keep_within(&mut h, 30);
+        assert_eq!(seqs(&h), [1, 2, 3]);
+    }
+
+    #[test]
+    fn the_newest_message_is_kept_even_when_it_alone_is_over_budget() {
+        let mut h = history(&[5, 500]);
+        keep_within(&mut h, 100);
+        assert_eq!(seqs(&h), [2]);
     }
 }

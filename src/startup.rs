@@ -26,7 +26,7 @@ use crate::config::{Mode, PortChoice, Settings};
 use crate::db;
 use crate::metrics::Metrics;
 use crate::ratelimit::KeyRateLimiter;
-use crate::responder::OfflineResponder;
+use crate::responder;
 use crate::service::ConversationService;
 use crate::store::{FileStore, MeasuredStore, PgStore};
 use crate::usage_log::UsageLog;
@@ -104,11 +104,12 @@ impl Application {
         let usage_log = UsageLog::open(&data_dir.join("maestra_metrics.jsonl"))?;
         let service = ConversationService::new(
             Arc::new(MeasuredStore::new(Arc::new(store), Arc::clone(&metrics))),
-            Arc::new(OfflineResponder),
+            responder::from_settings(&settings.llm)?,
             Some(usage_log),
             settings.history_messages,
             Arc::clone(&metrics),
-        );
+        )
+        .with_history_chars(settings.llm.history_chars);
 
         let listener = bind(settings.host, &settings.port)?;
         let port = listener.local_addr()?.port();
@@ -169,11 +170,12 @@ impl Application {
                 Arc::new(PgStore::new(pool)),
                 Arc::clone(&metrics),
             )),
-            Arc::new(OfflineResponder),
+            responder::from_settings(&settings.llm)?,
             None,
             settings.history_messages,
             Arc::clone(&metrics),
-        );
+        )
+        .with_history_chars(settings.llm.history_chars);
         let listener = bind(settings.host, &settings.port)?;
         let port = listener.local_addr()?.port();
         let gate = GovernorConfigBuilder::default()

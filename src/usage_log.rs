@@ -11,15 +11,16 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::domain::{ConversationId, SurfaceId, UserId};
+use crate::domain::{ConversationId, UserId};
 
 #[derive(Debug, Serialize)]
 pub struct UsageRecord<'a> {
     pub ts: DateTime<Utc>,
     pub request_id: &'a str,
-    pub conversation_id: &'a ConversationId,
+    /// `None` (JSON null) for the legacy advisor's one-off questions.
+    pub conversation_id: Option<&'a ConversationId>,
     pub user_id: &'a UserId,
-    pub surface_id: &'a SurfaceId,
+    pub surface_id: &'a str,
     pub model: &'a str,
     pub latency_ms: f64,
     pub prompt_tokens: u64,

@@ -161,3 +161,13 @@ impl From<TurnError> for ApiError {
         }
     }
 }
+
+/// The legacy advisor's failures: nothing was stored, so there is nothing more to say.
+impl From<ResponderError> for ApiError {
+    fn from(e: ResponderError) -> Self {
+        match e {
+            ResponderError::Timeout => ApiError::ProviderTimeout(e.to_string()),
+            ResponderError::Provider(_) => ApiError::Provider(e.to_string()),
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! The HTTP surface: routes, their extractors' error handling, and the middleware around them.
 
+mod advisor;
 mod caller;
 mod conversations;
 mod core;
@@ -103,6 +104,11 @@ fn api_routes() -> Scope {
                 .default_service(web::to(only("POST"))),
         )
         .service(
+            web::resource("/maestra/advisor/ask")
+                .route(web::post().to(advisor::ask))
+                .default_service(web::to(only("POST"))),
+        )
+        .service(
             web::resource("/maestra/conversations")
                 .route(web::get().to(conversations::list))
                 .default_service(web::to(only("GET"))),
@@ -144,7 +150,10 @@ pub fn cors(extra_origins: &[String]) -> Cors {
             header::HeaderName::from_static("idempotency-key"),
             header::HeaderName::from_static("traceparent"),
         ])
-        .expose_headers([header::HeaderName::from_static("x-request-id")])
+        .expose_headers([
+            header::HeaderName::from_static("x-request-id"),
+            header::HeaderName::from_static(core::OVERHEAD_HEADER),
+        ])
         .max_age(3600)
 }
 

@@ -29,12 +29,13 @@ use crate::config::Mode;
         super::metrics::metrics,
         openapi_json,
         super::core::core,
+        super::advisor::ask,
         super::conversations::list,
         super::conversations::get,
         super::conversations::delete,
     ),
     // The response bodies (request bodies are collected on their own).
-    components(schemas(ErrorEnvelope, Health, Liveness, Readiness, CoreResponse, ConversationList, MessagePage, Deleted)),
+    components(schemas(ErrorEnvelope, Health, Liveness, Readiness, CoreResponse, AdvisorAnswer, ConversationList, MessagePage, Deleted)),
     modifiers(&RequestIds, &ApiKeys),
     tags(
         (name = "service", description = "The service itself"),
@@ -347,6 +348,29 @@ pub struct Deleted {
     pub deleted: bool,
 }
 
+/// A one-off question for the legacy advisor. Unknown fields are ignored.
+#[derive(ToSchema)]
+pub struct AdvisorQuestion {
+    /// Not blank; at most the server's message limit.
+    #[schema(min_length = 1, example = "What is 8825?")]
+    pub question: String,
+    /// Sent to the model before the question.
+    pub context: Option<String>,
+    /// Whose question it is in the cost ledger (default `anonymous`).
+    #[schema(pattern = "^[A-Za-z0-9._@-]{1,128}$")]
+    pub user_id: Option<String>,
+}
+
+/// The advisor's answer; nothing of it is stored but its cost.
+#[derive(ToSchema)]
+pub struct AdvisorAnswer {
+    pub answer: String,
+    pub model: String,
+    pub usage: Usage,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub backend: ServerMode,
+}
+
 // ---- Parameters ----
 
 #[derive(IntoParams)]
@@ -460,6 +484,37 @@ pub enum CoreResponses {
     #[response(status = 504)]
     ProviderTimeout(ErrorEnvelope),
     /// Any other failure (e.g. 403 for a non-loopback Host in local mode, 500).
+    #[response(status = "default")]
+    Other(ErrorEnvelope),
+}
+
+#[derive(IntoResponses)]
+pub enum AdvisorResponses {
+    /// The answer.
+    #[response(status = 200)]
+    Answer(AdvisorAnswer),
+    /// Malformed JSON, or a missing or invalid field (the message names it).
+    #[response(status = 400)]
+    InvalidRequest(ErrorEnvelope),
+    /// Cloud mode: the API key is missing, unknown, revoked or expired.
+    #[response(status = 401)]
+    Unauthorized(ErrorEnvelope),
+    /// The question or context is larger than the limit.
+    #[response(status = 413)]
+    PayloadTooLarge(ErrorEnvelope),
+    /// The body is not sent as application/json.
+    #[response(status = 415)]
+    UnsupportedMediaType(ErrorEnvelope),
+    /// Cloud mode: the key's quota is used up (see Retry-After).
+    #[response(status = 429)]
+    RateLimited(ErrorEnvelope),
+    /// The model provider failed.
+    #[response(status = 502)]
+    ProviderError(ErrorEnvelope),
+    /// The model provider did not answer in time.
+    #[response(status = 504)]
+    ProviderTimeout(ErrorEnvelope),
+    /// Any other failure.
     #[response(status = "default")]
     Other(ErrorEnvelope),
 }

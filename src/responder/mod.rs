@@ -1,18 +1,28 @@
-//! Who writes Maestra's replies. The offline responder works with zero configuration; a real
-//! model provider plugs in behind the same trait.
+//! Who writes Maestra's replies. The offline responder works with zero configuration; any
+//! OpenAI-compatible chat-completions server (OpenAI, OpenRouter, Ollama, vLLM, llama.cpp,
+//! LM Studio) plugs in behind the same trait.
 
 mod offline;
+mod openai;
+pub mod pricing;
+mod sse;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
+use tokio::sync::mpsc;
 
+use crate::config::LlmSettings;
 use crate::domain::{ConversationId, Message, Usage};
 
 pub use offline::OfflineResponder;
+pub use openai::OpenAiResponder;
 
 /// What the model sees: the conversation's recent history, oldest first, ending with the
 /// user's new message, whichever surfaces wrote it.
 pub struct Prompt<'a> {
-    pub conversation_id: &'a ConversationId,
+    /// `None` for a one-off question that belongs to no conversation (the legacy advisor).
+    pub conversation_id: Option<&'a ConversationId>,
     pub history: &'a [Message],
 }
 
@@ -50,7 +60,57 @@ impl ResponderError {
     }
 }
 
+/// Where a streaming reply's text goes, piece by piece, as the model writes it. Sending never
+/// blocks nor fails: if the client went away the pieces are dropped, and the reply goes on to
+/// be stored whole. Unbounded is safe: a reply's size is bounded by the model's output.
+#[derive(Clone)]
+pub struct Deltas(mpsc::UnboundedSender<String>);
+
+impl Deltas {
+    pub fn channel() -> (Self, mpsc::UnboundedReceiver<String>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        (Self(sender), receiver)
+    }
+
+    pub fn send(&self, piece: &str) {
+        if !piece.is_empty() {
+            let _ = self.0.send(piece.to_owned());
+        }
+    }
+}
+
 #[async_trait]
 pub trait Responder: Send + Sync + 'static {
     async fn reply(&self, prompt: Prompt<'_>) -> Result<Reply, ResponderError>;
+
+    /// Like `reply`, sending the text to `deltas` as it is written; returns the whole reply.
+    /// By default the whole text is one piece.
+    async fn reply_streaming(
+        &self,
+        prompt: Prompt<'_>,
+        deltas: &Deltas,
+    ) -> Result<Reply, ResponderError> {
+        let reply = self.reply(prompt).await?;
+        deltas.send(&reply.text);
+        Ok(reply)
+    }
+}
+
+/// The responder the settings ask for: the OpenAI-compatible provider when a base URL is set,
+/// else the offline one.
+pub fn from_settings(settings: &LlmSettings) -> anyhow::Result<Arc<dyn Responder>> {
+    match &settings.provider {
+        Some(provider) => {
+            tracing::info!(
+                llm.model = %provider.model,
+                llm.base_url = %provider.base_url,
+                "replies come from an OpenAI-compatible provider"
+            );
+            Ok(Arc::new(OpenAiResponder::new(provider)?))
+        }
+        None => {
+            tracing::info!("no model provider configured: the offline responder answers");
+            Ok(Arc::new(OfflineResponder))
+        }
+    }
 }

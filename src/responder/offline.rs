@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use async_trait::async_trait;
 
-use super::{Prompt, Reply, Responder, ResponderError};
+use super::{Deltas, Prompt, Reply, Responder, ResponderError};
 use crate::domain::{Role, Usage};
 
 pub const OFFLINE_MODEL: &str = "maestra-offline";
@@ -36,15 +36,19 @@ impl Responder for OfflineResponder {
             ""
         };
         let count = prompt.conversation_len();
+        let context = match prompt.conversation_id {
+            Some(id) => format!(
+                "Conversation {id} holds {count} message{} from {} surface{} ({}).",
+                if count == 1 { "" } else { "s" },
+                surfaces.len(),
+                if surfaces.len() == 1 { "" } else { "s" },
+                surfaces.into_iter().collect::<Vec<_>>().join(", "),
+            ),
+            None => "This one-off question belongs to no conversation.".to_owned(),
+        };
         let text = format!(
             "Maestra is running offline: no model provider is configured (set MAESTRA_LLM_BASE_URL \
-             to get real answers). Conversation {} holds {count} message{} from {} surface{} \
-             ({}). You said: \"{quote}{ellipsis}\"",
-            prompt.conversation_id,
-            if count == 1 { "" } else { "s" },
-            surfaces.len(),
-            if surfaces.len() == 1 { "" } else { "s" },
-            surfaces.into_iter().collect::<Vec<_>>().join(", "),
+             to get real answers). {context} You said: \"{quote}{ellipsis}\""
         );
         let prompt_chars: usize = prompt.history.iter().map(|m| m.content.len()).sum();
         Ok(Reply {
@@ -56,6 +60,19 @@ impl Responder for OfflineResponder {
             text,
             model: OFFLINE_MODEL.to_owned(),
         })
+    }
+
+    /// The reply in a few pieces, sentence by sentence, so that streaming clients see deltas.
+    async fn reply_streaming(
+        &self,
+        prompt: Prompt<'_>,
+        deltas: &Deltas,
+    ) -> Result<Reply, ResponderError> {
+        let reply = self.reply(prompt).await?;
+        for piece in reply.text.split_inclusive(". ") {
+            deltas.send(piece);
+        }
+        Ok(reply)
     }
 }
 
@@ -92,7 +109,7 @@ mod tests {
         ];
         let reply = OfflineResponder
             .reply(Prompt {
-                conversation_id: &id,
+                conversation_id: Some(&id),
                 history: &history,
             })
             .await
@@ -106,5 +123,27 @@ mod tests {
         assert!(reply.text.contains("\"Hello\""));
         assert_eq!(reply.usage.cost_usd, 0.0);
         assert!(reply.usage.prompt_tokens > 0 && reply.usage.completion_tokens > 0);
+    }
+
+    #[tokio::test]
+    async fn a_streamed_offline_reply_comes_in_several_pieces_that_make_the_whole() {
+        let id = ConversationId::parse("conv_1").unwrap();
+        let history = [message(1, Role::User, "cli", "Hello")];
+        let (deltas, mut pieces) = Deltas::channel();
+        let prompt = Prompt {
+            conversation_id: Some(&id),
+            history: &history,
+        };
+        let reply = OfflineResponder
+            .reply_streaming(prompt, &deltas)
+            .await
+            .unwrap();
+        drop(deltas);
+        let mut received = Vec::new();
+        while let Some(piece) = pieces.recv().await {
+            received.push(piece);
+        }
+        assert!(received.len() > 1, "{received:?}");
+        assert_eq!(received.concat(), reply.text);
     }
 }

@@ -32,6 +32,27 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_with(&[]).await
 }
 
+/// The model the tests configure, and its price in USD per million input / output tokens.
+pub const TEST_MODEL: &str = "fake-model";
+pub const TEST_PRICE_INPUT: &str = "2.5";
+pub const TEST_PRICE_OUTPUT: &str = "10";
+pub const TEST_LLM_API_KEY: &str = "sk-test-do-not-log";
+
+/// The service with `base_url` as its model provider, short timeouts, and `vars` on top.
+pub async fn spawn_app_with_provider(base_url: &str, vars: &[(&str, &str)]) -> TestApp {
+    let mut all = vec![
+        ("MAESTRA_LLM_BASE_URL", base_url),
+        ("MAESTRA_LLM_MODEL", TEST_MODEL),
+        ("MAESTRA_LLM_API_KEY", TEST_LLM_API_KEY),
+        ("MAESTRA_LLM_PRICE_INPUT", TEST_PRICE_INPUT),
+        ("MAESTRA_LLM_PRICE_OUTPUT", TEST_PRICE_OUTPUT),
+        ("MAESTRA_LLM_CONNECT_TIMEOUT", "1"),
+        ("MAESTRA_LLM_REQUEST_TIMEOUT", "5"),
+    ];
+    all.extend_from_slice(vars);
+    spawn_app_with(&all).await
+}
+
 pub async fn spawn_app_with(vars: &[(&str, &str)]) -> TestApp {
     let data_dir = tempfile::tempdir().unwrap();
     let mut env: HashMap<String, String> = HashMap::from([
@@ -87,6 +108,35 @@ impl TestApp {
         response.json().await.unwrap()
     }
 
+    /// Asks for the reply as Server-Sent Events (`"stream": true`).
+    pub async fn post_core_streaming(&self, body: &Value) -> reqwest::Response {
+        let mut body = body.clone();
+        body["stream"] = json!(true);
+        self.post_core(&body).await
+    }
+
+    /// The conversation's stored messages, oldest first.
+    pub async fn messages(&self, user: &str, conversation: &str) -> Vec<Value> {
+        let response = self
+            .get(&format!(
+                "/api/maestra/conversations/{conversation}?user_id={user}"
+            ))
+            .await;
+        assert_eq!(response.status(), 200, "reading {conversation}");
+        let body: Value = response.json().await.unwrap();
+        body["messages"].as_array().unwrap().clone()
+    }
+
+    /// The cost ledger's lines.
+    pub fn ledger(&self) -> Vec<Value> {
+        let path = self.data_dir.path().join("maestra_metrics.jsonl");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
     pub async fn get(&self, path_and_query: &str) -> reqwest::Response {
         self.client
             .get(format!("{}{path_and_query}", self.address))
@@ -102,6 +152,30 @@ impl TestApp {
             .await
             .unwrap()
     }
+}
+
+/// The events of a whole Server-Sent Events body, as (event name, JSON data).
+pub async fn read_events(response: reqwest::Response) -> Vec<(String, Value)> {
+    let text = response.text().await.unwrap();
+    parse_events(&text)
+}
+
+pub fn parse_events(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter(|block| !block.trim().is_empty())
+        .map(|block| {
+            let mut name = "message".to_owned();
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(value) = line.strip_prefix("event: ") {
+                    name = value.to_owned();
+                } else if let Some(value) = line.strip_prefix("data: ") {
+                    data.push_str(value);
+                }
+            }
+            (name, serde_json::from_str(&data).unwrap())
+        })
+        .collect()
 }
 
 /// Every file under `dir`, recursively.

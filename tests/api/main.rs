@@ -5,11 +5,13 @@
     reason = "a failed unwrap in a test is a failed assertion"
 )]
 
+mod advisor;
 mod bad_input;
 mod clients;
 mod cloud;
 mod conversations;
 mod core;
+mod fake_provider;
 mod health;
 mod helpers;
 mod hostile;
@@ -17,5 +19,8 @@ mod mcp;
 mod observability;
 mod openapi;
 mod process;
+mod provider;
 mod reliability;
 mod store;
+mod streaming;
+mod usage;

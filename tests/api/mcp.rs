@@ -306,12 +306,6 @@ async fn bad_calls_are_tool_errors_and_the_server_keeps_answering() {
             "404",
         ),
         ("maestra_history", json!({}), "conversation_id"),
-        // This branch has no advisor route: its 404 is a tool error, not a crash.
-        (
-            "maestra_legacy_ask",
-            json!({"question": "What is 8825?"}),
-            "not available",
-        ),
         (
             "maestra_legacy_ask",
             json!({"context": "no question"}),
@@ -350,6 +344,15 @@ async fn bad_calls_are_tool_errors_and_the_server_keeps_answering() {
     assert_eq!(structured(&answer)["backend"], "local");
     let health = ide.call("maestra_health", json!({})).await;
     assert_eq!(structured(&health)["local"]["status"], "healthy");
+    // The legacy advisor answers through the same server.
+    let advice = ide
+        .call(
+            "maestra_legacy_ask",
+            json!({"question": "What is 8825?", "context": "a repo"}),
+        )
+        .await;
+    assert!(!is_error(&advice), "{}", text(&advice));
+    assert!(text(&advice).contains("What is 8825?"), "{}", text(&advice));
 }
 
 #[tokio::test]

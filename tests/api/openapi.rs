@@ -125,6 +125,7 @@ async fn every_route_is_documented_and_local_responses_match_the_document() {
             "get /health/ready",
             "get /metrics",
             "get /openapi.json",
+            "post /api/maestra/advisor/ask",
             "post /api/maestra/core",
         ]
     );
@@ -169,6 +170,24 @@ async fn every_route_is_documented_and_local_responses_match_the_document() {
     contract
         .check(CORE, "post", app.post_core(&new).await)
         .await;
+    const ADVISOR: &str = "/api/maestra/advisor/ask";
+    for (question, expected) in [
+        (
+            json!({"question": "What is 8825?", "context": "a repo"}),
+            200,
+        ),
+        (json!({"context": "no question"}), 400),
+    ] {
+        let response = app
+            .client
+            .post(format!("{}{ADVISOR}", app.address))
+            .json(&question)
+            .send()
+            .await
+            .unwrap();
+        let (status, _) = contract.check(ADVISOR, "post", response).await;
+        assert_eq!(status, expected);
+    }
     let core_failures = [
         (json!({"surface_id": "cli", "message": "Hi"}), 400),
         (
