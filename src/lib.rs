@@ -10,6 +10,7 @@ pub mod commands;
 pub mod config;
 pub mod db;
 pub mod domain;
+pub mod idempotency;
 pub mod mcp;
 pub mod metrics;
 pub mod ratelimit;

@@ -7,7 +7,10 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use tracing::Instrument;
 
+use serde::{Deserialize, Serialize};
+
 use crate::domain::{ConversationId, Message, MessageText, NewMessage, SurfaceId, Usage, UserId};
+use crate::idempotency::{Begin, IdempotencyKey, IdempotencyStore};
 use crate::metrics::Metrics;
 use crate::responder::{Deltas, Prompt, Reply, Responder, ResponderError};
 use crate::store::{ConversationStore, Owner, StoreError};
@@ -27,9 +30,11 @@ pub struct Turn {
     pub request_id: String,
     /// Cloud mode: the API key making the request.
     pub api_key_id: Option<String>,
+    /// The client's `Idempotency-Key`, if it sent one.
+    pub idempotency: Option<IdempotencyKey>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TurnOutcome {
     pub reply: String,
     pub conversation_id: ConversationId,
@@ -54,6 +59,9 @@ pub enum TurnError {
         conversation_id: ConversationId,
         seq: i64,
     },
+    /// The `Idempotency-Key` belongs to another request, or to one still running.
+    #[error("{0}")]
+    IdempotencyConflict(String),
 }
 
 /// A one-off question from the legacy advisor: answered, never stored.
@@ -82,6 +90,7 @@ pub struct ConversationService {
     history_messages: usize,
     history_chars: usize,
     metrics: Arc<Metrics>,
+    idempotency: Arc<dyn IdempotencyStore>,
 }
 
 impl ConversationService {
@@ -91,6 +100,7 @@ impl ConversationService {
         usage_log: Option<UsageLog>,
         history_messages: usize,
         metrics: Arc<Metrics>,
+        idempotency: Arc<dyn IdempotencyStore>,
     ) -> Self {
         Self {
             store,
@@ -99,6 +109,7 @@ impl ConversationService {
             history_messages,
             history_chars: DEFAULT_HISTORY_CHARS,
             metrics,
+            idempotency,
         }
     }
 
@@ -127,19 +138,87 @@ impl ConversationService {
         self.run(turn, Some(deltas)).await
     }
 
+    /// A turn with an `Idempotency-Key` runs at most once to the end: a repeat gets the first
+    /// answer, and a retry after a failure continues where the failed one stopped.
     async fn run(&self, turn: Turn, deltas: Option<Deltas>) -> Result<TurnOutcome, TurnError> {
+        let Some(key) = turn.idempotency.clone() else {
+            return self.run_once(turn, deltas, None).await;
+        };
+        let tenant = turn.owner.tenant.clone();
+        let resume = match self.idempotency.begin(&tenant, &key).await? {
+            Begin::Fresh => None,
+            Begin::Resume {
+                conversation_id,
+                user_seq,
+            } => Some((conversation_id, user_seq)),
+            Begin::Replay(outcome) => {
+                if let Some(deltas) = &deltas {
+                    deltas.send(&outcome.reply);
+                }
+                return Ok(TurnOutcome {
+                    provider_ms: 0.0,
+                    ..*outcome
+                });
+            }
+            Begin::InProgress => {
+                return Err(TurnError::IdempotencyConflict(
+                    "a request with this Idempotency-Key is still in progress; retry later"
+                        .to_owned(),
+                ));
+            }
+            Begin::Conflict => {
+                return Err(TurnError::IdempotencyConflict(
+                    "this Idempotency-Key was used with another request body".to_owned(),
+                ));
+            }
+        };
+        let result = self.run_once(turn, deltas, Some((&key, resume))).await;
+        let recorded = match &result {
+            Ok(outcome) => self.idempotency.complete(&tenant, &key, outcome).await,
+            Err(_) => self.idempotency.release(&tenant, &key).await,
+        };
+        if let Err(e) = recorded {
+            // The answer stands; only a later repeat of this key cannot be recognised.
+            tracing::error!(error = %e, "cannot record the idempotency key's outcome");
+        }
+        result
+    }
+
+    /// The turn itself. With an idempotency key, records when the user's message is stored;
+    /// when resuming, that message is already stored (conversation, seq) and only the reply
+    /// is still to come.
+    async fn run_once(
+        &self,
+        turn: Turn,
+        deltas: Option<Deltas>,
+        idempotency: Option<(&IdempotencyKey, Option<(ConversationId, i64)>)>,
+    ) -> Result<TurnOutcome, TurnError> {
         let started = Instant::now();
-        let conversation_id = turn
-            .conversation_id
-            .unwrap_or_else(ConversationId::generate);
+        let (key, resume) = idempotency.map_or((None, None), |(k, r)| (Some(k), r));
+        let (conversation_id, user_seq) = match resume {
+            Some(resumed) => resumed,
+            None => {
+                let conversation_id = turn
+                    .conversation_id
+                    .clone()
+                    .unwrap_or_else(ConversationId::generate);
+                let user_message =
+                    NewMessage::from_user(turn.surface_id.clone(), turn.message.clone())
+                        .written_by(turn.api_key_id.clone());
+                let stored = self
+                    .store
+                    .append(&turn.owner, &conversation_id, user_message)
+                    .await?;
+                if let Some(key) = key {
+                    self.idempotency
+                        .user_stored(&turn.owner.tenant, key, &conversation_id, stored.seq)
+                        .await?;
+                }
+                (conversation_id, stored.seq)
+            }
+        };
         tracing::Span::current().record("conversation.id", conversation_id.as_str());
 
-        let user_message = NewMessage::from_user(turn.surface_id.clone(), turn.message)
-            .written_by(turn.api_key_id.clone());
-        let stored = self
-            .store
-            .append(&turn.owner, &conversation_id, user_message)
-            .await?;
         let mut history = self
             .store
             .recent(&turn.owner, &conversation_id, self.history_messages)
@@ -156,7 +235,7 @@ impl ConversationService {
         let reply = reply.map_err(|source| TurnError::Responder {
             source,
             conversation_id: conversation_id.clone(),
-            seq: stored.seq,
+            seq: user_seq,
         })?;
 
         let assistant = NewMessage::from_assistant(

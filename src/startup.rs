@@ -24,6 +24,7 @@ use crate::auth::middleware::UnverifiedByAddress;
 use crate::auth::repository;
 use crate::config::{Mode, PortChoice, Settings};
 use crate::db;
+use crate::idempotency::{FileIdempotency, PgIdempotency};
 use crate::metrics::Metrics;
 use crate::ratelimit::KeyRateLimiter;
 use crate::responder;
@@ -108,6 +109,7 @@ impl Application {
             Some(usage_log),
             settings.history_messages,
             Arc::clone(&metrics),
+            Arc::new(FileIdempotency::open(data_dir.join("idempotency"))?),
         )
         .with_history_chars(settings.llm.history_chars);
 
@@ -160,9 +162,11 @@ impl Application {
             settings.auth_cache_ttl,
             metrics.argon2_verifications.clone(),
         ));
+        let idempotency = PgIdempotency::new(pool.clone());
         let background = BackgroundTasks(vec![
             tokio::spawn(Arc::clone(&authenticator).follow_key_changes()).abort_handle(),
             tokio::spawn(Arc::clone(&authenticator).flush_last_used_periodically()).abort_handle(),
+            tokio::spawn(idempotency.clone().prune_periodically()).abort_handle(),
         ]);
 
         let service = ConversationService::new(
@@ -174,6 +178,7 @@ impl Application {
             None,
             settings.history_messages,
             Arc::clone(&metrics),
+            Arc::new(idempotency.clone()),
         )
         .with_history_chars(settings.llm.history_chars);
         let listener = bind(settings.host, &settings.port)?;

@@ -19,6 +19,7 @@ use super::caller::Caller;
 use super::errors::ApiError;
 use super::{AppState, request_id};
 use crate::domain::{ConversationId, MessageText, SurfaceId, Usage, UserId};
+use crate::idempotency::IdempotencyKey;
 use crate::metrics::Metrics;
 use crate::responder::Deltas;
 use crate::service::{Turn, TurnError, TurnOutcome};
@@ -53,7 +54,9 @@ struct CoreResponse {
 }
 
 #[utoipa::path(post, path = "/api/maestra/core", tag = "conversations",
-    request_body = super::openapi::CoreRequest, responses(super::openapi::CoreResponses))]
+    request_body = super::openapi::CoreRequest, responses(super::openapi::CoreResponses),
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "The same key and body within 24 h returns the first response; another body is 409")))]
 pub async fn core(
     request: HttpRequest,
     state: web::Data<AppState>,
@@ -62,7 +65,16 @@ pub async fn core(
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
-    let (turn, stream) = parse(&state, caller, body.into_inner())?;
+    let idempotency_key = request
+        .headers()
+        .get("idempotency-key")
+        .map(|v| v.to_str().unwrap_or("\u{0}").to_owned());
+    let (turn, stream) = parse(
+        &state,
+        caller,
+        idempotency_key.as_deref(),
+        body.into_inner(),
+    )?;
     if stream || accepts_event_stream(&request) {
         return stream_turn(state, metrics, turn, started).await;
     }
@@ -76,8 +88,12 @@ pub async fn core(
 fn parse(
     state: &AppState,
     caller: Caller,
+    idempotency_key: Option<&str>,
     body: serde_json::Value,
 ) -> Result<(Turn, bool), ApiError> {
+    let idempotency = idempotency_key
+        .map(|key| IdempotencyKey::parse(key, &body))
+        .transpose()?;
     let request: CoreRequest = serde_path_to_error::deserialize(body).map_err(|e| {
         let path = e.path().to_string();
         if path == "." {
@@ -97,6 +113,7 @@ fn parse(
         message: MessageText::parse(request.message, state.max_message_bytes)?,
         request_id: request_id::current(),
         api_key_id: caller.api_key_id,
+        idempotency,
     };
     Ok((turn, request.stream))
 }

@@ -31,6 +31,9 @@ pub enum ApiError {
     /// 408: the request body did not arrive in time.
     #[error("{0}")]
     RequestTimeout(String),
+    /// 409: the `Idempotency-Key` was used with another body, or its request is still running.
+    #[error("{0}")]
+    IdempotencyConflict(String),
     /// 413: the body or the message is larger than allowed.
     #[error("{0}")]
     PayloadTooLarge(String),
@@ -62,6 +65,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::RequestTimeout(_) => "request_timeout",
+            ApiError::IdempotencyConflict(_) => "idempotency_conflict",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::RateLimited(_) => "rate_limited",
@@ -81,6 +85,7 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::IdempotencyConflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -154,6 +159,7 @@ impl From<TurnError> for ApiError {
     fn from(e: TurnError) -> Self {
         match e {
             TurnError::Store(e) => e.into(),
+            TurnError::IdempotencyConflict(message) => ApiError::IdempotencyConflict(message),
             TurnError::Responder { ref source, .. } => match source {
                 ResponderError::Timeout => ApiError::ProviderTimeout(e.to_string()),
                 ResponderError::Provider(_) => ApiError::Provider(e.to_string()),

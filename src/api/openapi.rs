@@ -465,6 +465,9 @@ pub enum CoreResponses {
     /// The conversation belongs to someone else.
     #[response(status = 404)]
     NotFound(ErrorEnvelope),
+    /// The Idempotency-Key was used with another body, or its request is still running.
+    #[response(status = 409)]
+    IdempotencyConflict(ErrorEnvelope),
     /// The message is larger than the limit.
     #[response(status = 413)]
     PayloadTooLarge(ErrorEnvelope),

@@ -15,6 +15,7 @@ mod fake_provider;
 mod health;
 mod helpers;
 mod hostile;
+mod idempotency;
 mod mcp;
 mod observability;
 mod openapi;

@@ -318,3 +318,49 @@ async fn cloud_mode_without_a_reachable_database_exits_with_one_line() {
         );
     }
 }
+
+#[sqlx::test(migrations = false)]
+async fn cloud_usage_is_reported_per_tenant_and_key(
+    _: sqlx::postgres::PgPoolOptions,
+    db: sqlx::postgres::PgConnectOptions,
+) {
+    let url = crate::helpers::database_url(&db);
+    let app = crate::helpers::spawn_cloud_app_at(&url, &url, &[]).await;
+    let (acme_id, acme) = app.create_key("acme", None).await;
+    for (key, n) in [(acme.as_str(), 2), (app.api_key.as_str(), 1)] {
+        for i in 0..n {
+            let body = json!({"user_id": "ana", "surface_id": "cli", "message": format!("m{i}")});
+            assert_eq!(app.core(key, &body).await.status(), 200);
+        }
+    }
+    let cloud = {
+        let dir = tempfile::tempdir().unwrap();
+        maestra_command(
+            dir.path(),
+            &[("DATABASE_URL", url.as_str()), ("MAESTRA_MODE", "cloud")],
+        )
+        .args(["usage", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap()
+    };
+    assert!(cloud.status.success(), "{}", text(&cloud.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&cloud.stdout).unwrap();
+    let requests = |tenant: &str| -> i64 {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["tenant"] == tenant)
+            .map(|r| r["requests"].as_i64().unwrap())
+            .sum()
+    };
+    assert_eq!(requests("acme"), 2);
+    assert_eq!(requests("default"), 1);
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["key"] == acme_id.as_str())
+    );
+}
