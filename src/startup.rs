@@ -4,7 +4,6 @@
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +28,7 @@ use crate::metrics::Metrics;
 use crate::ratelimit::KeyRateLimiter;
 use crate::responder;
 use crate::service::ConversationService;
-use crate::store::{FileStore, MeasuredStore, PgStore};
+use crate::store::{FileStore, MeasuredStore, PgStore, create_private_dir};
 use crate::usage_log::UsageLog;
 
 /// The tenant of every local-mode conversation.
@@ -93,11 +92,7 @@ impl Application {
 
     fn build_local(settings: Settings) -> anyhow::Result<Self> {
         let data_dir = &settings.data_dir;
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(data_dir)
-            .with_context(|| format!("cannot create the data folder {}", data_dir.display()))?;
+        create_private_dir(data_dir)?;
         let lock = lock_data_dir(data_dir)?;
 
         let metrics = Arc::new(Metrics::new(settings.mode.as_str())?);

@@ -50,14 +50,7 @@ pub async fn ask(
 }
 
 fn parse(state: &AppState, caller: Caller, body: serde_json::Value) -> Result<Question, ApiError> {
-    let request: AskRequest = serde_path_to_error::deserialize(body).map_err(|e| {
-        let path = e.path().to_string();
-        if path == "." {
-            ApiError::InvalidRequest(format!("invalid request body: {}", e.inner()))
-        } else {
-            ApiError::InvalidRequest(format!("{path}: {}", e.inner()))
-        }
-    })?;
+    let request: AskRequest = super::from_body(body)?;
     let max = state.max_message_bytes;
     let question = text("question", request.question, max)?;
     let context = match request.context {

@@ -94,14 +94,7 @@ fn parse(
     let idempotency = idempotency_key
         .map(|key| IdempotencyKey::parse(key, &body))
         .transpose()?;
-    let request: CoreRequest = serde_path_to_error::deserialize(body).map_err(|e| {
-        let path = e.path().to_string();
-        if path == "." {
-            ApiError::InvalidRequest(format!("invalid request body: {}", e.inner()))
-        } else {
-            ApiError::InvalidRequest(format!("{path}: {}", e.inner()))
-        }
-    })?;
+    let request: CoreRequest = super::from_body(body)?;
     let turn = Turn {
         owner: caller.owner(UserId::parse(&request.user_id)?),
         surface_id: SurfaceId::parse(&request.surface_id)?,

@@ -214,6 +214,18 @@ fn path_error(error: PathError, _: &HttpRequest) -> actix_web::Error {
     ApiError::InvalidRequest(format!("invalid path: {error}")).into()
 }
 
+/// Reads a JSON body into `T`, naming the field at fault when it does not fit.
+fn from_body<T: serde::de::DeserializeOwned>(body: serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            ApiError::InvalidRequest(format!("invalid request body: {}", e.inner()))
+        } else {
+            ApiError::InvalidRequest(format!("{path}: {}", e.inner()))
+        }
+    })
+}
+
 /// Reads an optional query number, naming the parameter when it is not one.
 fn parse_number<T: std::str::FromStr>(
     name: &'static str,

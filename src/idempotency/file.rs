@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use super::{Begin, IdempotencyKey, IdempotencyStore, LEASE, RETENTION};
 use crate::domain::ConversationId;
 use crate::service::TurnOutcome;
-use crate::store::StoreError;
+use crate::store::{StoreError, create_private_dir};
 
 #[derive(Clone)]
 pub struct FileIdempotency {
@@ -49,12 +49,7 @@ impl FileIdempotency {
     /// Opens (creating, mode 0700) the folder and removes records older than 24 h.
     pub fn open(dir: impl Into<PathBuf>) -> anyhow::Result<Self> {
         let dir = dir.into();
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
+        create_private_dir(&dir)?;
         let now = Utc::now();
         for entry in fs::read_dir(&dir)? {
             let path = entry?.path();

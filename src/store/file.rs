@@ -69,17 +69,22 @@ struct OpenConversation {
     recent: VecDeque<Message>,
 }
 
+/// Creates `dir` (and its parents) if needed, and makes it readable by its owner only (0700).
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot set permissions on {}", dir.display()))
+}
+
 impl FileStore {
     /// Opens (creating if needed, mode 0700) the conversations folder.
     pub fn open(dir: impl Into<PathBuf>, keep_recent: usize) -> anyhow::Result<Self> {
         let dir = dir.into();
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("cannot set permissions on {}", dir.display()))?;
+        create_private_dir(&dir)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 dir,

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::domain::{ConversationId, Message, NewMessage, UserId};
 
-pub use file::FileStore;
+pub use file::{FileStore, create_private_dir};
 pub use measured::MeasuredStore;
 pub use postgres::{PgStore, is_unavailable};
 
