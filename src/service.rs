@@ -200,11 +200,9 @@ impl ConversationService {
             None => {
                 let conversation_id = turn
                     .conversation_id
-                    .clone()
                     .unwrap_or_else(ConversationId::generate);
-                let user_message =
-                    NewMessage::from_user(turn.surface_id.clone(), turn.message.clone())
-                        .written_by(turn.api_key_id.clone());
+                let user_message = NewMessage::from_user(turn.surface_id.clone(), turn.message)
+                    .written_by(turn.api_key_id.clone());
                 let stored = self
                     .store
                     .append(&turn.owner, &conversation_id, user_message)
