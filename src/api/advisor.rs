@@ -12,7 +12,7 @@ use super::caller::Caller;
 use super::core::OVERHEAD_HEADER;
 use super::errors::ApiError;
 use super::{AppState, request_id};
-use crate::domain::{MessageText, UserId};
+use crate::domain::{MessageText, UserId, is_blank};
 use crate::service::Question;
 
 /// Whose question it is in the ledger when the client does not say.
@@ -54,7 +54,7 @@ fn parse(state: &AppState, caller: Caller, body: serde_json::Value) -> Result<Qu
     let max = state.max_message_bytes;
     let question = text("question", request.question, max)?;
     let context = match request.context {
-        Some(context) if !context.trim().is_empty() => Some(text("context", context, max)?),
+        Some(context) if !is_blank(&context) => Some(text("context", context, max)?),
         _ => None,
     };
     let combined = match context {
@@ -72,7 +72,7 @@ fn parse(state: &AppState, caller: Caller, body: serde_json::Value) -> Result<Qu
 
 /// A field's text: not blank, and within the message size limit.
 fn text(field: &str, value: String, max_bytes: usize) -> Result<String, ApiError> {
-    if value.trim().is_empty() {
+    if is_blank(&value) {
         return Err(ApiError::InvalidRequest(format!(
             "{field}: must not be blank"
         )));

@@ -55,8 +55,7 @@ struct CoreResponse {
 
 #[utoipa::path(post, path = "/api/maestra/core", tag = "conversations",
     request_body = super::openapi::CoreRequest, responses(super::openapi::CoreResponses),
-    params(("Idempotency-Key" = Option<String>, Header,
-        description = "The same key and body within 24 h returns the first response; another body is 409")))]
+    params(super::openapi::IdempotencyHeader))]
 pub async fn core(
     request: HttpRequest,
     state: web::Data<AppState>,

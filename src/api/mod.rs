@@ -233,7 +233,7 @@ fn parse_number<T: std::str::FromStr>(
     default: T,
 ) -> Result<T, ApiError> {
     match value {
-        None | Some("") => Ok(default),
+        None => Ok(default),
         Some(text) => text.parse().map_err(|_| {
             ApiError::InvalidRequest(format!("{name}: {text:?} is not a valid number"))
         }),

@@ -260,7 +260,7 @@ pub struct CoreRequest {
     #[schema(pattern = "^[A-Za-z0-9_-]{1,128}$", example = "conv_demo")]
     pub conversation_id: Option<String>,
     /// Not blank; at most the server's limit (32 KiB by default), else 413.
-    #[schema(min_length = 1, example = "Hello")]
+    #[schema(pattern = "[^\\s\\u0085]", example = "Hello")]
     pub message: String,
 }
 
@@ -352,7 +352,7 @@ pub struct Deleted {
 #[derive(ToSchema)]
 pub struct AdvisorQuestion {
     /// Not blank; at most the server's message limit.
-    #[schema(min_length = 1, example = "What is 8825?")]
+    #[schema(pattern = "[^\\s\\u0085]", example = "What is 8825?")]
     pub question: String,
     /// Sent to the model before the question.
     pub context: Option<String>,
@@ -406,6 +406,14 @@ pub struct MessagesQuery {
     /// Page size, 1-1000 (default 100).
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
+}
+
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct IdempotencyHeader {
+    /// The same key and body within 24 h returns the first response; another body is 409.
+    #[param(rename = "Idempotency-Key", pattern = "^[!-~]{1,255}$")]
+    pub idempotency_key: Option<String>,
 }
 
 #[derive(IntoParams)]

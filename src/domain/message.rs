@@ -18,9 +18,15 @@ pub enum MessageTextError {
     TooLarge { max_bytes: usize },
 }
 
+/// Whether a text holds nothing but white space (Unicode's, plus the byte-order mark, so that
+/// the OpenAPI document's `[^\s\u0085]` pattern says exactly the same).
+pub fn is_blank(text: &str) -> bool {
+    text.chars().all(|c| c.is_whitespace() || c == '\u{feff}')
+}
+
 impl MessageText {
     pub fn parse(value: String, max_bytes: usize) -> Result<Self, MessageTextError> {
-        if value.trim().is_empty() {
+        if is_blank(&value) {
             return Err(InvalidInput::new("message", "must not be blank").into());
         }
         if value.len() > max_bytes {
@@ -130,7 +136,7 @@ mod tests {
 
     #[test]
     fn a_blank_message_is_rejected() {
-        for blank in ["", "   ", "\n\t "] {
+        for blank in ["", "   ", "\n\t ", "\u{b}", "\u{85}\u{feff}\u{3000}"] {
             let err = MessageText::parse(blank.to_owned(), 100).unwrap_err();
             assert!(matches!(err, MessageTextError::Invalid(ref e) if e.field == "message"));
         }

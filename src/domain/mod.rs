@@ -4,7 +4,7 @@ mod ids;
 mod message;
 
 pub use ids::{ConversationId, SurfaceId, TenantId, UserId};
-pub use message::{Message, MessageText, MessageTextError, NewMessage, Role, Usage};
+pub use message::{Message, MessageText, MessageTextError, NewMessage, Role, Usage, is_blank};
 
 /// Why a piece of input was refused; `field` names it so the client knows what to fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
