@@ -303,6 +303,13 @@ fn serve(
             ))
             .wrap(from_fn(middleware::request_context))
     })
+    // Small writes (a stream's last event, short responses) go out at once instead of waiting
+    // for the client's delayed ACK (Nagle).
+    .on_connect(|connection, _| {
+        if let Some(tcp) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
+            let _ = tcp.set_nodelay(true);
+        }
+    })
     .shutdown_timeout(SHUTDOWN_GRACE_SECONDS)
     // A client has this long to send its request head (slowloris headers are cut off).
     .client_request_timeout(CLIENT_REQUEST_TIMEOUT)

@@ -110,9 +110,9 @@ impl Authenticator {
             cache: Mutex::new(HashMap::new()),
             last_used: Mutex::new(HashMap::new()),
             argon2_verifications,
-            argon2_slots: tokio::sync::Semaphore::new(
-                std::thread::available_parallelism().map_or(2, |n| n.get()),
-            ),
+            // One at a time: each run holds 19 MiB that the allocator keeps afterwards, and new
+            // keys are rare (verified keys are cached).
+            argon2_slots: tokio::sync::Semaphore::new(1),
             in_flight: Mutex::new(HashMap::new()),
         }
     }

@@ -23,8 +23,9 @@ use super::{ConversationStore, ConversationSummary, Owner, StoreError};
 use crate::domain::{ConversationId, Message, NewMessage, UserId};
 
 const FILE_EXTENSION: &str = "json";
-/// Open conversations kept in memory; idle ones beyond this are closed.
-const MAX_OPEN: usize = 1024;
+/// Open conversations kept in memory (each holds a file descriptor); idle ones beyond this are
+/// closed. Well under macOS's default limit of 256 descriptors for a launchd agent.
+const MAX_OPEN: usize = 128;
 
 #[derive(Clone)]
 pub struct FileStore {
@@ -161,18 +162,17 @@ impl ConversationStore for FileStore {
     }
 
     async fn check(&self) -> Result<(), StoreError> {
-        self.blocking(|inner| {
-            let meta = fs::metadata(&inner.dir)?;
-            if meta.is_dir() && !meta.permissions().readonly() {
-                Ok(())
-            } else {
-                Err(StoreError::Unavailable(format!(
-                    "{} is not a writable folder",
-                    inner.dir.display()
-                )))
-            }
-        })
-        .await
+        // One stat of a local folder: inline, as a hand-off to the blocking pool would cost
+        // far more than the call (it was most of /health's time under load).
+        let meta = fs::metadata(&self.inner.dir)?;
+        if meta.is_dir() && !meta.permissions().readonly() {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(format!(
+                "{} is not a writable folder",
+                self.inner.dir.display()
+            )))
+        }
     }
 }
 
