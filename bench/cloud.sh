@@ -1,81 +1,86 @@
 #!/usr/bin/env bash
 # Cloud-mode benchmark against the release binary and a fresh Postgres database, loopback only,
-# bounded in time: the core endpoint with API keys (limits raised), offline responder.
-# Three keys share the load, to show argon2 runs once per key, not per request.
+# bounded in time: the core endpoint with API keys (limits raised), offline responder, next to
+# bench/pgbench.sh (the same requests' database work) on the same database in the same run.
+# Three keys share the connections, to show argon2 runs once per key, not per request.
+# Reports where the CPU went during the core run (maestra, every postgres process, the rest:
+# mostly oha and other users of the machine).
 #   bench/cloud.sh                          # 10 s, 32 connections
 #   DURATION=30s CONNECTIONS=64 bench/cloud.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+bench_setup
+bench_need psql
 
-DURATION=${DURATION:-10s}
-CONNECTIONS=${CONNECTIONS:-32}
-ADMIN_URL=${ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
-command -v oha >/dev/null || cargo install oha --locked
-command -v jq >/dev/null || { echo "bench: jq is needed" >&2; exit 1; }
-cargo build --release --locked --quiet
-maestra=target/release/maestra
-
-db="maestra_bench_$$"
-psql -q "$ADMIN_URL" -c "CREATE DATABASE $db"
-export DATABASE_URL="${ADMIN_URL%/*}/$db"
-work=$(mktemp -d)
-cleanup() {
-  [ -n "${server:-}" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null
-  psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
+bench_database maestra_bench
+export DATABASE_URL=$db_url
 keys=()
 for i in 1 2 3; do
-  keys+=("$($maestra keys create --tenant "bench$i" --rate-limit 100000000/60 2>/dev/null)")
+  keys+=("$("$MAESTRA" keys create --tenant "bench$i" --rate-limit 100000000/60 2>/dev/null)")
 done
 token=bench-metrics-token
-MAESTRA_MODE=cloud MAESTRA_HOST=127.0.0.1 MAESTRA_PORT=${PORT:-8700} MAESTRA_LOG_LEVEL=warn \
-  MAESTRA_METRICS_TOKEN=$token $maestra serve >"$work/server.log" 2>&1 &
-server=$!
-url="http://127.0.0.1:${PORT:-8700}"
-for _ in $(seq 100); do curl -fs "$url/health/ready" >/dev/null && break; sleep 0.1; done
+start_cloud cloud MAESTRA_METRICS_TOKEN=$token
+url=$server_url
+server=$server_pid
 
 # Conversation ids are global: each key (tenant) gets its own 64 conversations.
-for k in 0 1 2; do
-  for i in $(seq 64); do
-    printf '{"user_id":"bench","surface_id":"mobile","conversation_id":"conv_bench_%d_%d","message":"Hello, how is the project going?"}\n' "$k" "$i"
-  done >"$work/bodies$k.jsonl"
-done
+for k in 0 1 2; do core_bodies "conv_bench_$k" 64 >"$bench_work/bodies$k.jsonl"; done
+# The connections split over the keys: 11 + 11 + 10 for 32.
+conns=($(((CONNECTIONS + 2) / 3)) $(((CONNECTIONS + 1) / 3)) $((CONNECTIONS / 3)))
 
-# The floor: /health, no key, no database work beyond its check.
-oha --no-tui --output-format json -z "$DURATION" -c "$CONNECTIONS" "$url/health" >"$work/health.json"
+bench_header "maestra cloud-mode benchmark ($DURATION, $CONNECTIONS connections)"
+# The database floor first, on this database (its own tenant and conversations).
+pgbench_line=$(BENCH_BUILT=1 PGBENCH_DATABASE_URL=$DATABASE_URL CLIENTS=$CONNECTIONS \
+  "$BENCH_ROOT/bench/pgbench.sh")
+echo "$pgbench_line"
+read -r pg_tps pg_p99 < <(sed -E 's/.*: ([0-9]+) TPS, p50 [0-9.]+ ms, p99 ([0-9.]+) ms.*/\1 \2/' <<<"$pgbench_line")
 
-per_key=$(( (CONNECTIONS + 2) / 3 ))
+printf 'scenario\treq/s\tp50 ms\tp99 ms\terrors\n'
+# Cloud /health makes one Postgres round trip per call: not the HTTP floor (see bench/local.sh).
+oha_run "cloud /health" -c "$CONNECTIONS" "$url/health"
+
+loads=()
+cpu0=$(cpu_seconds "$server"); pg0=$(postgres_cpu_seconds); all0=$(machine_busy_seconds)
 for i in 0 1 2; do
-  oha --no-tui --output-format json -z "$DURATION" -c "$per_key" -m POST \
+  oha --no-tui --output-format json -z "$DURATION" -c "${conns[$i]}" -m POST \
     -H 'Content-Type: application/json' -H "X-API-Key: ${keys[$i]}" \
-    -Z "$work/bodies$i.jsonl" "$url/api/maestra/core" >"$work/core$i.json" &
+    -Z "$bench_work/bodies$i.jsonl" "$url/api/maestra/core" >"$bench_work/core$i.json" &
+  loads+=($!)
 done
-wait %2 %3 %4 2>/dev/null || wait
+for pid in "${loads[@]}"; do wait "$pid"; done
+cpu1=$(cpu_seconds "$server"); pg1=$(postgres_cpu_seconds); all1=$(machine_busy_seconds)
+
+# The three runs as one: rates add up, latencies are the worst of the three.
+jq -s '{
+    summary: {requestsPerSec: (map(.summary.requestsPerSec) | add)},
+    latencyPercentiles: {p50: (map(.latencyPercentiles.p50) | max), p99: (map(.latencyPercentiles.p99) | max)},
+    statusCodeDistribution: (map(.statusCodeDistribution | to_entries[]) | group_by(.key)
+      | map({key: .[0].key, value: (map(.value) | add)}) | from_entries),
+    errorDistribution: (map(.errorDistribution | to_entries[]) | group_by(.key)
+      | map({key: .[0].key, value: (map(.value) | add)}) | from_entries)
+  }' "$bench_work"/core?.json >"$bench_work/core.json"
+core=$(oha_row "core, 3 keys" "$bench_work/core.json"); echo "$core"
 
 argon2=$(curl -fs -H "Authorization: Bearer $token" "$url/metrics" |
   awk '/^maestra_auth_argon2_verifications_total/ { print $2 }')
-rss=$(awk '/VmHWM/ { print int($2 / 1024) }' "/proc/$server/status")
+rss=$(peak_rss_mb "$server")
+echo "argon2 verifications during the run: $argon2 (3 keys)"
+echo "server peak RSS: $rss MB (VmRSS now: $(rss_mb "$server") MB)"
+jq -c '.statusCodeDistribution' "$bench_work/core.json" | sed 's/^/core status codes: /'
+awk -v m0="$cpu0" -v m1="$cpu1" -v p0="$pg0" -v p1="$pg1" -v a0="$all0" -v a1="$all1" 'BEGIN {
+  m = m1 - m0; p = p1 - p0; a = a1 - a0
+  printf "CPU during the core run: %.1f s busy of the machine: maestra %.1f s (%.0f%%), postgres %.1f s (%.0f%%), rest (oha, others) %.1f s (%.0f%%)\n",
+    a, m, 100 * m / a, p, 100 * p / a, a - m - p, 100 * (a - m - p) / a }'
+awk -v c="$(col 2 "$core")" -v cp="$(col 4 "$core")" -v t="$pg_tps" -v tp="$pg_p99" 'BEGIN {
+  printf "ratios: core / pgbench TPS %.2f, core p99 / pgbench p99 %.2f\n", c / t, cp / tp }'
+grep -m3 -E '"level":"(WARN|ERROR)"' "$bench_work/cloud.log" | cut -c1-300 || true
 
-echo "maestra cloud-mode benchmark: $(date -u +%FT%TZ), $(nproc) cores, $DURATION, $CONNECTIONS connections"
-jq -rs '
-  def row($name): [$name, (.summary.requestsPerSec | floor),
-    (.latencyPercentiles.p50 * 1e6 | round / 1e3), (.latencyPercentiles.p99 * 1e6 | round / 1e3),
-    ([.statusCodeDistribution | to_entries[] | select(.key != "200") | .value] | add // 0)];
-  (["scenario", "req/s", "p50 ms", "p99 ms", "non-200"] | @tsv),
-  (.[0] | row("health") | @tsv),
-  ((.[1:] | {
-      summary: {requestsPerSec: (map(.summary.requestsPerSec) | add)},
-      latencyPercentiles: {p50: (map(.latencyPercentiles.p50) | max), p99: (map(.latencyPercentiles.p99) | max)},
-      statusCodeDistribution: (map(.statusCodeDistribution | to_entries[]) | group_by(.key)
-        | map({key: .[0].key, value: (map(.value) | add)}) | from_entries)
-    }) | row("core, 3 keys") | @tsv)' \
-  "$work/health.json" "$work/core0.json" "$work/core1.json" "$work/core2.json"
-core_rps=$(jq -s 'map(.summary.requestsPerSec) | add | floor' "$work"/core?.json)
-echo "argon2 verifications during the run: $argon2 (3 keys); argon2-bound ceiling ~150/s; core ran at ${core_rps}/s"
-echo "server peak RSS: ${rss} MB"
-jq -sc '[.[] | .statusCodeDistribution] | add' "$work"/core?.json | sed 's/^/core status codes: /'
-jq -sc '[.[] | .errorDistribution] | add' "$work"/core?.json | sed 's/^/core client errors: /'
-grep -m3 -E '"level":"(WARN|ERROR)"' "$work/server.log" | cut -c1-300 || true
+bench_result cloud_core_rps "$(col 2 "$core")"
+bench_result cloud_core_p50 "$(col 3 "$core")"
+bench_result cloud_core_p99 "$(col 4 "$core")"
+bench_result cloud_core_errors "$(col 5 "$core")"
+bench_result cloud_rss "$rss"
+bench_result cloud_cpu_maestra "$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { printf "%.1f", b - a }')"
+bench_result cloud_cpu_postgres "$(awk -v a="$pg0" -v b="$pg1" 'BEGIN { printf "%.1f", b - a }')"
+bench_result cloud_cpu_machine "$(awk -v a="$all0" -v b="$all1" 'BEGIN { printf "%.1f", b - a }')"

@@ -1,51 +1,59 @@
 #!/usr/bin/env bash
 # Local-mode HTTP benchmark against the release binary, loopback only, bounded in time.
-# Prints req/s, p50, p99 and errors for /health (the HTTP floor) and for the core endpoint with
-# the offline responder, next to the disk's own append+fsync rate measured in the same run.
+# In one run: the disk's append+fsync floor, an actix-web hello world (examples/hello.rs, the
+# HTTP floor), maestra's /health, the core endpoint with the offline responder (64
+# conversations), and the same core requests streamed (SSE). Prints req/s, p50, p99, errors,
+# the server's peak RSS, and the ratios to the floors.
 #   bench/local.sh                 # 10 s per scenario, 32 connections
 #   DURATION=30s CONNECTIONS=64 bench/local.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+bench_setup
 
-DURATION=${DURATION:-10s}
-CONNECTIONS=${CONNECTIONS:-32}
-command -v oha >/dev/null || cargo install oha --locked
-command -v jq >/dev/null || { echo "bench: jq is needed" >&2; exit 1; }
-cargo build --release --locked --quiet
+core_bodies conv_bench 64 >"$bench_work/bodies.jsonl"
+core_bodies conv_stream 64 ',"stream":true' >"$bench_work/stream.jsonl"
 
-work=$(mktemp -d -p "${BENCH_DIR:-.}" maestra-bench.XXXXXX)
-MAESTRA_PORT=0 MAESTRA_DATA_DIR="$work/data" MAESTRA_LOG_LEVEL=warn target/release/maestra serve &
-server=$!
-trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 100); do [ -s "$work/data/maestra.port" ] && break; sleep 0.1; done
-url="http://127.0.0.1:$(cat "$work/data/maestra.port")"
+bench_header "maestra local-mode benchmark ($DURATION per scenario, $CONNECTIONS connections)"
+read -r fsync_rate fsync_p50 fsync_p99 < <(fsync_floor 3)
+echo "disk floor: append+fdatasync one at a time: $fsync_rate/s, p50 $fsync_p50 ms, p99 $fsync_p99 ms (each core request makes 2)"
+printf 'scenario\treq/s\tp50 ms\tp99 ms\terrors\n'
 
-# The floor for local mode: synchronous 512-byte appends on the same disk.
-fsync_rate=$(dd if=/dev/zero of="$work/fsync.bin" bs=512 count=2000 oflag=dsync 2>&1 |
-  awk '/copied/ { for (i = 1; i <= NF; i++) if ($i ~ /^s,?$/) secs = $(i-1); print int(2000 / secs) }')
+start_hello
+hello=$(oha_run "hello world (actix)" -c "$CONNECTIONS" "$server_url/"); echo "$hello"
+stop_server "$server_pid"
 
-# 64 conversations, one body per line: requests spread over them as surfaces would.
-for i in $(seq 64); do
-  printf '{"user_id":"bench","surface_id":"cli","conversation_id":"conv_bench_%d","message":"Hello, how is the project going?"}\n' "$i"
-done > "$work/bodies.jsonl"
+start_local data
+health=$(oha_run "maestra /health" -c "$CONNECTIONS" "$server_url/health"); echo "$health"
+core=$(oha_run "core" -c "$CONNECTIONS" -m POST -H 'Content-Type: application/json' \
+  -Z "$bench_work/bodies.jsonl" "$server_url/api/maestra/core"); echo "$core"
+core_rss=$(peak_rss_mb "$server_pid")
+stream=$(oha_run "core, streamed" -c "$CONNECTIONS" -m POST -H 'Content-Type: application/json' \
+  -Z "$bench_work/stream.jsonl" "$server_url/api/maestra/core"); echo "$stream"
+rss=$(peak_rss_mb "$server_pid")
+events=$(curl -fsN -H 'Content-Type: application/json' -d "$(head -1 "$bench_work/stream.jsonl")" \
+  "$server_url/api/maestra/core" | grep -c '^event:' || true)
+echo "(a streamed answer here carries $events SSE events)"
+echo "server peak RSS: $core_rss MB after core, $rss MB after streaming"
 
-run() { # name, oha arguments...
-  local name=$1; shift
-  oha --no-tui --output-format json -z "$DURATION" -c "$CONNECTIONS" "$@" > "$work/$name.json"
-  jq -r --arg name "$name" '[$name,
-      (.summary.requestsPerSec | floor),
-      (.latencyPercentiles.p50 * 1000 * 1000 | round / 1000),
-      (.latencyPercentiles.p99 * 1000 * 1000 | round / 1000),
-      ([.statusCodeDistribution | to_entries[] | select(.key != "200") | .value] | add // 0)]
-    | @tsv' "$work/$name.json"
-}
+awk -v h="$(col 2 "$health")" -v w="$(col 2 "$hello")" -v c="$(col 2 "$core")" \
+  -v s="$(col 2 "$stream")" -v f="$fsync_rate" 'BEGIN {
+  printf "ratios: /health / hello world %.2f; core / append+fsync floor %.2f; core / /health %.3f; streamed / core %.2f\n",
+    h / w, c / f, c / h, s / c }'
 
-echo "maestra local-mode benchmark: $(date -u +%FT%TZ), $(nproc) cores, $DURATION x $CONNECTIONS connections"
-echo "disk append+fsync floor: $fsync_rate writes/s (each core request makes 2)"
-printf 'scenario\treq/s\tp50 ms\tp99 ms\tnon-200\n'
-health=$(run health "$url/health"); echo "$health"
-core=$(run core -m POST -H 'Content-Type: application/json' -Z "$work/bodies.jsonl" "$url/api/maestra/core"); echo "$core"
-rss=$(awk '/VmHWM/ { print int($2 / 1024) }' "/proc/$server/status")
-echo "server peak RSS: ${rss} MB"
-awk -v h="$(cut -f2 <<<"$health")" -v c="$(cut -f2 <<<"$core")" -v f="$fsync_rate" 'BEGIN {
-  printf "ratios: core/health %.3f, core/(fsync floor/2) %.2f\n", c / h, c / (f / 2) }'
+bench_result fsync_rate "$fsync_rate"
+bench_result fsync_p50 "$fsync_p50"
+bench_result hello_rps "$(col 2 "$hello")"
+bench_result hello_p99 "$(col 4 "$hello")"
+bench_result health_rps "$(col 2 "$health")"
+bench_result health_p99 "$(col 4 "$health")"
+bench_result health_errors "$(col 5 "$health")"
+bench_result local_core_rps "$(col 2 "$core")"
+bench_result local_core_p50 "$(col 3 "$core")"
+bench_result local_core_p99 "$(col 4 "$core")"
+bench_result local_core_errors "$(col 5 "$core")"
+bench_result local_core_rss "$core_rss"
+bench_result stream_rps "$(col 2 "$stream")"
+bench_result stream_p99 "$(col 4 "$stream")"
+bench_result stream_errors "$(col 5 "$stream")"
+bench_result local_rss "$rss"

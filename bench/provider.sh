@@ -9,64 +9,32 @@
 #   bench/provider.sh                          # 10 s per scenario, 500 req/s, 32 connections
 #   DURATION=30s RATE=500 CONNECTIONS=32 bench/provider.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+bench_setup
 
-DURATION=${DURATION:-10s}
 RATE=${RATE:-500}
-CONNECTIONS=${CONNECTIONS:-32}
 SAMPLES=${SAMPLES:-500}
-command -v oha >/dev/null || cargo install oha --locked
-command -v jq >/dev/null || { echo "bench: jq is needed" >&2; exit 1; }
-command -v curl >/dev/null || { echo "bench: curl is needed" >&2; exit 1; }
-cargo build --release --locked --quiet --bin maestra --example fake_provider
 
-work=$(mktemp -d -p "${BENCH_DIR:-.}" maestra-bench.XXXXXX)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+"$BENCH_ROOT/target/release/examples/fake_provider" 0 1 >"$bench_work/fake.port" &
+bench_pids+=($!)
+for _ in $(seq 100); do [ -s "$bench_work/fake.port" ] && break; sleep 0.1; done
+provider="http://127.0.0.1:$(head -1 "$bench_work/fake.port")"
 
-target/release/examples/fake_provider 0 1 > "$work/fake.port" &
-pids+=($!)
-for _ in $(seq 100); do [ -s "$work/fake.port" ] && break; sleep 0.1; done
-provider="http://127.0.0.1:$(head -1 "$work/fake.port")"
+start_local data MAESTRA_LLM_BASE_URL="$provider/v1" MAESTRA_LLM_MODEL=bench-model \
+  MAESTRA_LLM_PRICE_INPUT=0.15 MAESTRA_LLM_PRICE_OUTPUT=0.60
+url=$server_url
+server=$server_pid
+start_local offline
+offline_url=$server_url
 
-MAESTRA_PORT=0 MAESTRA_DATA_DIR="$work/data" MAESTRA_LOG_LEVEL=warn \
-  MAESTRA_LLM_BASE_URL="$provider/v1" MAESTRA_LLM_MODEL=bench-model \
-  MAESTRA_LLM_PRICE_INPUT=0.15 MAESTRA_LLM_PRICE_OUTPUT=0.60 \
-  target/release/maestra serve &
-server=$!
-pids+=("$server")
-for _ in $(seq 100); do [ -s "$work/data/maestra.port" ] && break; sleep 0.1; done
-url="http://127.0.0.1:$(cat "$work/data/maestra.port")"
-
-MAESTRA_PORT=0 MAESTRA_DATA_DIR="$work/offline" MAESTRA_LOG_LEVEL=warn target/release/maestra serve &
-pids+=($!)
-for _ in $(seq 100); do [ -s "$work/offline/maestra.port" ] && break; sleep 0.1; done
-offline_url="http://127.0.0.1:$(cat "$work/offline/maestra.port")"
-
-# 64 conversations, one body per line: requests spread over them as surfaces would.
-for i in $(seq 64); do
-  printf '{"user_id":"bench","surface_id":"cli","conversation_id":"conv_bench_%d","message":"Hello, how is the project going?"}\n' "$i"
-done > "$work/bodies.jsonl"
+core_bodies conv_bench 64 >"$bench_work/bodies.jsonl"
 # What maestra sends the provider for a short conversation: the persona and a message.
 direct_body='{"model":"bench-model","messages":[{"role":"system","content":"You are Maestra."},{"role":"user","content":"Hello, how is the project going?"}],"stream":false}'
 
-run() { # name, oha arguments...
-  local name=$1 file="$work/${1//\//_}.json"; shift
-  oha --no-tui --output-format json -z "$DURATION" "$@" > "$file"
-  jq -r --arg name "$name" '[$name,
-      (.summary.requestsPerSec | floor),
-      (.latencyPercentiles.p50 * 1000 * 1000 | round / 1000),
-      (.latencyPercentiles.p99 * 1000 * 1000 | round / 1000),
-      ([.statusCodeDistribution | to_entries[] | select(.key != "200") | .value] | add // 0)]
-    | @tsv' "$file"
-}
-direct() { run "$1" "${@:2}" -m POST -H 'Content-Type: application/json' -d "$direct_body" "$provider/v1/chat/completions"; }
-maestra() { run "$1" "${@:2}" -m POST -H 'Content-Type: application/json' -Z "$work/bodies.jsonl" "$url/api/maestra/core"; }
-offline() { run "$1" "${@:2}" -m POST -H 'Content-Type: application/json' -Z "$work/bodies.jsonl" "$offline_url/api/maestra/core"; }
+direct() { oha_run "$1" "${@:2}" -m POST -H 'Content-Type: application/json' -d "$direct_body" "$provider/v1/chat/completions"; }
+through() { oha_run "$1" "${@:2}" -m POST -H 'Content-Type: application/json' -Z "$bench_work/bodies.jsonl" "$url/api/maestra/core"; }
+offline() { oha_run "$1" "${@:2}" -m POST -H 'Content-Type: application/json' -Z "$bench_work/bodies.jsonl" "$offline_url/api/maestra/core"; }
 overhead() { # label, direct row, maestra row
   awk -F'\t' -v label="$1" -v d="$2" -v m="$3" 'BEGIN {
     split(d, a, "\t"); split(m, b, "\t")
@@ -74,38 +42,44 @@ overhead() { # label, direct row, maestra row
       label, b[3] - a[3], b[4] - a[4], b[3] / a[3], b[4] / a[4] }'
 }
 
-# The disk's own floor in this run: each core request makes 2 synchronous appends.
-fsync_ms=$(dd if=/dev/zero of="$work/fsync.bin" bs=512 count=500 oflag=dsync 2>&1 |
-  awk '/copied/ { for (i = 1; i <= NF; i++) if ($i ~ /^s,?$/) secs = $(i-1); printf "%.3f", secs * 1000 / 500 }')
-
-echo "maestra provider-overhead benchmark: $(date -u +%FT%TZ), $(nproc) cores, $DURATION per scenario"
-echo "(fake provider, maestra and oha share the machine; load average $(cut -d' ' -f1-3 /proc/loadavg))"
-echo "disk: one 512-byte append+fsync takes ${fsync_ms} ms alone (each core request makes 2)"
-printf 'scenario\treq/s\tp50 ms\tp99 ms\tnon-200\n'
+bench_header "maestra provider-overhead benchmark ($DURATION per scenario)"
+echo "(fake provider, maestra and oha share the machine)"
+read -r _ fsync_p50 _ < <(fsync_floor 2)
+echo "disk: one 512-byte append+fdatasync takes $fsync_p50 ms alone (p50; each core request makes 2)"
+printf 'scenario\treq/s\tp50 ms\tp99 ms\terrors\n'
 # Warm-up: connection pools, conversation files, history windows.
 for target in "$url" "$offline_url"; do
-  oha --no-tui -z 2s -c 8 -m POST -H 'Content-Type: application/json' -Z "$work/bodies.jsonl" "$target/api/maestra/core" >/dev/null
+  oha --no-tui -z 2s -c 8 -m POST -H 'Content-Type: application/json' \
+    -Z "$bench_work/bodies.jsonl" "$target/api/maestra/core" >/dev/null
 done
 fixed_direct=$(direct "direct@${RATE}/s" -q "$RATE" -c 16 --latency-correction); echo "$fixed_direct"
-fixed_maestra=$(maestra "maestra@${RATE}/s" -q "$RATE" -c 16 --latency-correction); echo "$fixed_maestra"
+fixed_maestra=$(through "maestra@${RATE}/s" -q "$RATE" -c 16 --latency-correction); echo "$fixed_maestra"
 offline "offline@${RATE}/s" -q "$RATE" -c 16 --latency-correction
 sat_direct=$(direct "direct@${CONNECTIONS}c" -c "$CONNECTIONS"); echo "$sat_direct"
-sat_maestra=$(maestra "maestra@${CONNECTIONS}c" -c "$CONNECTIONS"); echo "$sat_maestra"
+sat_maestra=$(through "maestra@${CONNECTIONS}c" -c "$CONNECTIONS"); echo "$sat_maestra"
 offline "offline@${CONNECTIONS}c" -c "$CONNECTIONS"
 overhead "fixed ${RATE} req/s" "$fixed_direct" "$fixed_maestra"
 overhead "saturation (${CONNECTIONS} connections)" "$sat_direct" "$sat_maestra"
-awk -v d="$(cut -f2 <<<"$sat_direct")" -v m="$(cut -f2 <<<"$sat_maestra")" \
+awk -v d="$(col 2 "$sat_direct")" -v m="$(col 2 "$sat_maestra")" \
   'BEGIN { printf "saturation throughput: maestra %.2fx the direct rate\n", m / d }'
 
 # What maestra itself reports per request, one request at a time.
 for i in $(seq "$SAMPLES"); do
   curl -s -o /dev/null -D - -H 'Content-Type: application/json' \
-    -d "$(sed -n "$(( (i % 64) + 1 ))p" "$work/bodies.jsonl")" "$url/api/maestra/core" |
+    -d "$(sed -n "$(((i % 64) + 1))p" "$bench_work/bodies.jsonl")" "$url/api/maestra/core" |
     tr -d '\r' | awk -F': ' 'tolower($1) == "x-maestra-overhead-ms" { print $2 }'
-done | sort -n > "$work/header.txt"
+done | sort -n >"$bench_work/header.txt"
 awk '{ v[NR] = $1 } END {
   printf "X-Maestra-Overhead-Ms, %d sequential requests: p50 %.3f ms, p99 %.3f ms\n",
-    NR, v[int(NR * 0.50 + 0.5)], v[int(NR * 0.99 + 0.5)] }' "$work/header.txt"
-rss=$(awk '/VmHWM/ { print int($2 / 1024) }' "/proc/$server/status")
-echo "server peak RSS: ${rss} MB"
-echo "ledger: $(wc -l < "$work/data/maestra_metrics.jsonl") lines, cost sum $(jq '.cost_usd' "$work/data/maestra_metrics.jsonl" | awk '{sum+=$1} END {print sum}') USD"
+    NR, v[int(NR * 0.50 + 0.5)], v[int(NR * 0.99 + 0.5)] }' "$bench_work/header.txt"
+rss=$(peak_rss_mb "$server")
+echo "server peak RSS: $rss MB"
+echo "ledger: $(wc -l <"$bench_work/data/maestra_metrics.jsonl") lines, cost sum $(jq '.cost_usd' "$bench_work/data/maestra_metrics.jsonl" | awk '{ sum += $1 } END { print sum }') USD"
+
+bench_result provider_direct_p50 "$(col 3 "$fixed_direct")"
+bench_result provider_direct_p99 "$(col 4 "$fixed_direct")"
+bench_result provider_maestra_p50 "$(col 3 "$fixed_maestra")"
+bench_result provider_maestra_p99 "$(col 4 "$fixed_maestra")"
+bench_result provider_errors "$(($(col 5 "$fixed_maestra") + $(col 5 "$sat_maestra")))"
+bench_result provider_overhead_p99 "$(awk -v d="$(col 4 "$fixed_direct")" -v m="$(col 4 "$fixed_maestra")" 'BEGIN { printf "%.3f", m - d }')"
+bench_result provider_rss "$rss"

@@ -4,20 +4,12 @@
 # always on. Bounded in time, loopback only.
 #   bench/tracing.sh                 # 10 s per run, 32 connections
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib.sh
+source "$(dirname "$0")/lib.sh"
+bench_setup
 
-DURATION=${DURATION:-10s}
-CONNECTIONS=${CONNECTIONS:-32}
-command -v oha >/dev/null || cargo install oha --locked
-cargo build --release --locked --quiet
-
-work=$(mktemp -d)
-pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-
-# An OTLP/HTTP sink that accepts every export and counts the bytes.
-python3 - "$work/sink.port" <<'PY' &
+# An OTLP/HTTP sink that accepts every export.
+python3 - "$bench_work/sink.port" <<'PY' &
 import http.server, sys
 class Sink(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
@@ -29,37 +21,29 @@ server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
 open(sys.argv[1], "w").write(str(server.server_address[1]))
 server.serve_forever()
 PY
-pids+=($!)
-for _ in $(seq 50); do [ -s "$work/sink.port" ] && break; sleep 0.1; done
+bench_pids+=($!)
+for _ in $(seq 50); do [ -s "$bench_work/sink.port" ] && break; sleep 0.1; done
+sink="http://127.0.0.1:$(cat "$bench_work/sink.port")"
 
-for i in $(seq 64); do
-  printf '{"user_id":"bench","surface_id":"cli","conversation_id":"conv_trace_%d","message":"Hello"}\n' "$i"
-done >"$work/bodies.jsonl"
+core_bodies conv_trace 64 >"$bench_work/bodies.jsonl"
 
 run() { # name, extra environment...
-  local name=$1; shift
-  mkdir -p "$work/$name"
-  env MAESTRA_PORT=0 MAESTRA_DATA_DIR="$work/$name" MAESTRA_LOG_LEVEL=warn "$@" \
-    target/release/maestra serve >/dev/null 2>&1 &
-  local server=$!
-  pids+=("$server")
-  for _ in $(seq 100); do [ -s "$work/$name/maestra.port" ] && break; sleep 0.1; done
-  oha --no-tui --output-format json -z "$DURATION" -c "$CONNECTIONS" -m POST \
-    -H 'Content-Type: application/json' -Z "$work/bodies.jsonl" \
-    "http://127.0.0.1:$(cat "$work/$name/maestra.port")/api/maestra/core" >"$work/$name.json"
-  kill "$server"; wait "$server" 2>/dev/null || true
-  jq -r --arg n "$name" '[$n, (.summary.requestsPerSec | floor),
-    (.latencyPercentiles.p99 * 1e6 | round / 1e3)] | @tsv' "$work/$name.json"
+  local name=$1 row
+  shift
+  start_local "$name" "$@"
+  row=$(oha_run "$name" -c "$CONNECTIONS" -m POST -H 'Content-Type: application/json' \
+    -Z "$bench_work/bodies.jsonl" "$server_url/api/maestra/core")
+  stop_server "$server_pid"
+  printf '%s\t%s\t%s\n' "$name" "$(col 2 "$row")" "$(col 4 "$row")"
 }
 
-echo "tracing export cost: $(date -u +%FT%TZ), $(nproc) cores, $DURATION x $CONNECTIONS connections"
+bench_header "tracing export cost ($DURATION x $CONNECTIONS connections)"
 printf 'run\treq/s\tp99 ms\n'
 # Alternating runs, so that disk and CPU weather fall on both sides alike.
-sink="http://127.0.0.1:$(cat "$work/sink.port")"
-results=$(for round in 1 2; do
-  run "export-off-$round"
-  run "export-on-$round" OTEL_EXPORTER_OTLP_ENDPOINT="$sink"
-done)
-echo "$results"
+for round in 1 2; do
+  run "export-off-$round" >>"$bench_work/results.tsv"
+  run "export-on-$round" OTEL_EXPORTER_OTLP_ENDPOINT="$sink" >>"$bench_work/results.tsv"
+done
+cat "$bench_work/results.tsv"
 awk '/^export-off/ { off += $2 } /^export-on/ { on += $2 }
-  END { printf "ratio on/off: %.3f (target: within 10%%)\n", on / off }' <<<"$results"
+  END { printf "ratio on/off: %.3f (target: within 10%%)\n", on / off }' "$bench_work/results.tsv"
