@@ -21,20 +21,38 @@ bench_pids+=($!)
 for _ in $(seq 100); do [ -s "$bench_work/fake.port" ] && break; sleep 0.1; done
 provider="http://127.0.0.1:$(head -1 "$bench_work/fake.port")"
 
-start_local data MAESTRA_LLM_BASE_URL="$provider/v1" MAESTRA_LLM_MODEL=bench-model \
-  MAESTRA_LLM_PRICE_INPUT=0.15 MAESTRA_LLM_PRICE_OUTPUT=0.60
-url=$server_url
-server=$server_pid
-start_local offline
-offline_url=$server_url
+# MODE=cloud: the same in cloud mode (Postgres, an API key with its limit raised).
+MODE=${MODE:-local}
+llm=(MAESTRA_LLM_BASE_URL="$provider/v1" MAESTRA_LLM_MODEL=bench-model
+  MAESTRA_LLM_PRICE_INPUT=0.15 MAESTRA_LLM_PRICE_OUTPUT=0.60)
+auth=()
+if [ "$MODE" = cloud ]; then
+  bench_database bench_provider
+  provider_db=$db_url
+  key=$(DATABASE_URL=$provider_db "$MAESTRA" keys create --tenant bench --rate-limit 100000000/60 2>/dev/null)
+  auth=(-H "X-API-Key: $key")
+  start_cloud data DATABASE_URL="$provider_db" "${llm[@]}"
+  url=$server_url
+  server=$server_pid
+  bench_database bench_offline
+  DATABASE_URL=$db_url "$MAESTRA" keys create --tenant bench --rate-limit 1/60 >/dev/null 2>&1
+  start_cloud offline DATABASE_URL="$db_url" MAESTRA_API_KEY="$key"
+  offline_url=$server_url
+else
+  start_local data "${llm[@]}"
+  url=$server_url
+  server=$server_pid
+  start_local offline
+  offline_url=$server_url
+fi
 
 core_bodies conv_bench 64 >"$bench_work/bodies.jsonl"
 # What maestra sends the provider for a short conversation: the persona and a message.
 direct_body='{"model":"bench-model","messages":[{"role":"system","content":"You are Maestra."},{"role":"user","content":"Hello, how is the project going?"}],"stream":false}'
 
 direct() { oha_run "$1" "${@:2}" -m POST -H 'Content-Type: application/json' -d "$direct_body" "$provider/v1/chat/completions"; }
-through() { oha_run "$1" "${@:2}" -m POST -H 'Content-Type: application/json' -Z "$bench_work/bodies.jsonl" "$url/api/maestra/core"; }
-offline() { oha_run "$1" "${@:2}" -m POST -H 'Content-Type: application/json' -Z "$bench_work/bodies.jsonl" "$offline_url/api/maestra/core"; }
+through() { oha_run "$1" "${@:2}" "${auth[@]}" -m POST -H 'Content-Type: application/json' -Z "$bench_work/bodies.jsonl" "$url/api/maestra/core"; }
+offline() { oha_run "$1" "${@:2}" "${auth[@]}" -m POST -H 'Content-Type: application/json' -Z "$bench_work/bodies.jsonl" "$offline_url/api/maestra/core"; }
 overhead() { # label, direct row, maestra row
   awk -F'\t' -v label="$1" -v d="$2" -v m="$3" 'BEGIN {
     split(d, a, "\t"); split(m, b, "\t")
@@ -42,14 +60,14 @@ overhead() { # label, direct row, maestra row
       label, b[3] - a[3], b[4] - a[4], b[3] / a[3], b[4] / a[4] }'
 }
 
-bench_header "maestra provider-overhead benchmark ($DURATION per scenario)"
+bench_header "maestra provider-overhead benchmark, $MODE mode ($DURATION per scenario)"
 echo "(fake provider, maestra and oha share the machine)"
 read -r _ fsync_p50 _ < <(fsync_floor 2)
 echo "disk: one 512-byte append+fdatasync takes $fsync_p50 ms alone (p50; each core request makes 2)"
 printf 'scenario\treq/s\tp50 ms\tp99 ms\terrors\n'
 # Warm-up: connection pools, conversation files, history windows.
 for target in "$url" "$offline_url"; do
-  oha --no-tui -z 2s -c 8 -m POST -H 'Content-Type: application/json' \
+  oha --no-tui -z 2s -c 8 "${auth[@]}" -m POST -H 'Content-Type: application/json' \
     -Z "$bench_work/bodies.jsonl" "$target/api/maestra/core" >/dev/null
 done
 fixed_direct=$(direct "direct@${RATE}/s" -q "$RATE" -c 16 --latency-correction); echo "$fixed_direct"
@@ -65,7 +83,7 @@ awk -v d="$(col 2 "$sat_direct")" -v m="$(col 2 "$sat_maestra")" \
 
 # What maestra itself reports per request, one request at a time.
 for i in $(seq "$SAMPLES"); do
-  curl -s -o /dev/null -D - -H 'Content-Type: application/json' \
+  curl -s -o /dev/null -D - "${auth[@]}" -H 'Content-Type: application/json' \
     -d "$(sed -n "$(((i % 64) + 1))p" "$bench_work/bodies.jsonl")" "$url/api/maestra/core" |
     tr -d '\r' | awk -F': ' 'tolower($1) == "x-maestra-overhead-ms" { print $2 }'
 done | sort -n >"$bench_work/header.txt"
@@ -74,7 +92,9 @@ awk '{ v[NR] = $1 } END {
     NR, v[int(NR * 0.50 + 0.5)], v[int(NR * 0.99 + 0.5)] }' "$bench_work/header.txt"
 rss=$(peak_rss_mb "$server")
 echo "server peak RSS: $rss MB"
-echo "ledger: $(wc -l <"$bench_work/data/maestra_metrics.jsonl") lines, cost sum $(jq '.cost_usd' "$bench_work/data/maestra_metrics.jsonl" | awk '{ sum += $1 } END { print sum }') USD"
+if [ "$MODE" = local ]; then
+  echo "ledger: $(wc -l <"$bench_work/data/maestra_metrics.jsonl") lines, cost sum $(jq '.cost_usd' "$bench_work/data/maestra_metrics.jsonl" | awk '{ sum += $1 } END { print sum }') USD"
+fi
 
 bench_result provider_direct_p50 "$(col 3 "$fixed_direct")"
 bench_result provider_direct_p99 "$(col 4 "$fixed_direct")"
