@@ -456,15 +456,7 @@ async fn a_burst_of_first_requests_with_a_new_key_runs_argon2_once(
         .map(|r| r.status().as_u16())
         .collect();
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
-    let metrics = app
-        .request(Method::GET, "/metrics", None)
-        .bearer_auth("token-123")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics("token-123").await;
     assert!(
         metrics
             .lines()

@@ -384,6 +384,18 @@ impl CloudApp {
             .unwrap()
     }
 
+    /// The `/metrics` text, scraped with the metrics token.
+    pub async fn metrics(&self, token: &str) -> String {
+        self.request(reqwest::Method::GET, "/metrics", None)
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Creates a key the way `maestra keys create` does, returning (id, key).
     pub async fn create_key(&self, tenant: &str, quota: Option<(u32, u64)>) -> (String, String) {
         use secrecy::ExposeSecret;

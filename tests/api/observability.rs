@@ -294,15 +294,7 @@ async fn cloud_metrics_need_the_metrics_token(_: PgPoolOptions, db: PgConnectOpt
         .unwrap();
     assert_eq!(bad.status(), 401);
 
-    let text = app
-        .request(Method::GET, "/metrics", None)
-        .bearer_auth("scrape-token-123")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics("scrape-token-123").await;
     let metrics = scrape(&text);
     assert_eq!(
         value(&metrics, "maestra_auth_argon2_verifications_total", &[]),
