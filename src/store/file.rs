@@ -12,7 +12,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 
 use anyhow::{Context, anyhow};
 use async_trait::async_trait;
@@ -127,6 +127,11 @@ impl ConversationStore for FileStore {
         conversation: &ConversationId,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
+        // Usually in memory already: served inline, as a hand-off to the blocking pool would
+        // cost more than the copy (and, under load, adds to every turn's tail latency).
+        if let Some(cached) = self.inner.recent_in_memory(owner, conversation, limit) {
+            return cached;
+        }
         let (owner, conversation) = (owner.clone(), conversation.clone());
         self.blocking(move |inner| inner.recent(&owner, &conversation, limit))
             .await
@@ -301,6 +306,27 @@ impl Inner {
         Ok((open, message))
     }
 
+    /// The answer of `recent` when it needs no disk access and no waiting: the conversation is
+    /// open, not locked by a write, and its cached messages cover `limit`. `None` otherwise.
+    fn recent_in_memory(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        limit: usize,
+    ) -> Option<Result<Vec<Message>, StoreError>> {
+        let slot = lock(&self.open).get(conversation).map(Arc::clone)?;
+        let guard = match slot.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        let open = guard.as_ref()?;
+        if !open.header.is_owned_by(owner) {
+            return Some(Err(StoreError::NotFound));
+        }
+        open.cached_recent(limit).map(Ok)
+    }
+
     fn recent(
         &self,
         owner: &Owner,
@@ -309,13 +335,7 @@ impl Inner {
     ) -> Result<Vec<Message>, StoreError> {
         let (len, last_seq, cached) = self.with_conversation(conversation, |slot| {
             let open = Self::owned(slot, owner)?;
-            let in_memory = open.recent.len();
-            let everything_cached = open.recent.front().is_none_or(|m| m.seq == 1);
-            let cached = (limit <= in_memory || everything_cached).then(|| {
-                let skip = in_memory.saturating_sub(limit);
-                open.recent.iter().skip(skip).cloned().collect::<Vec<_>>()
-            });
-            Ok((open.len, open.next_seq - 1, cached))
+            Ok((open.len, open.next_seq - 1, open.cached_recent(limit)))
         })?;
         match cached {
             Some(messages) => Ok(messages),
@@ -397,6 +417,16 @@ impl Inner {
 }
 
 impl OpenConversation {
+    /// The last `limit` messages, if the cache holds them (or the whole conversation).
+    fn cached_recent(&self, limit: usize) -> Option<Vec<Message>> {
+        let in_memory = self.recent.len();
+        let everything_cached = self.recent.front().is_none_or(|m| m.seq == 1);
+        (limit <= in_memory || everything_cached).then(|| {
+            let skip = in_memory.saturating_sub(limit);
+            self.recent.iter().skip(skip).cloned().collect()
+        })
+    }
+
     fn remember(&mut self, message: Message, keep: usize) {
         if self.recent.len() == keep {
             self.recent.pop_front();
