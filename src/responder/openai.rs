@@ -18,6 +18,7 @@ use reqwest::{Response, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::json;
+use thread_local::ThreadLocal;
 use tokio::time::Instant;
 
 use super::pricing::PriceTable;
@@ -35,7 +36,11 @@ const MAX_ANSWER_BYTES: usize = 8 * 1024 * 1024;
 const ERROR_DETAIL_CHARS: usize = 200;
 
 pub struct OpenAiResponder {
-    client: reqwest::Client,
+    /// One client (and so one connection pool) per thread: a pooled connection is driven by
+    /// the runtime that opened it, and each actix worker runs its own, so a shared pool makes
+    /// one worker's request wait for the other worker's thread.
+    clients: ThreadLocal<reqwest::Client>,
+    connect_timeout: Duration,
     endpoint: String,
     api_key: Option<SecretString>,
     model: String,
@@ -44,6 +49,14 @@ pub struct OpenAiResponder {
     max_retries: u32,
     prices: PriceTable,
     warned_no_usage: AtomicBool,
+}
+
+fn build_client(connect_timeout: Duration) -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .user_agent(concat!("maestra/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("cannot set up the HTTP client for the model provider")
 }
 
 /// Why one attempt failed.
@@ -65,13 +78,12 @@ impl Failure {
 
 impl OpenAiResponder {
     pub fn new(settings: &ProviderSettings) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(settings.connect_timeout)
-            .user_agent(concat!("maestra/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .context("cannot set up the HTTP client for the model provider")?;
+        let clients = ThreadLocal::new();
+        // Built once here so a client that cannot be set up fails at start, not per request.
+        clients.get_or_try(|| build_client(settings.connect_timeout))?;
         Ok(Self {
-            client,
+            clients,
+            connect_timeout: settings.connect_timeout,
             endpoint: format!("{}/chat/completions", settings.base_url),
             api_key: settings.api_key.clone(),
             model: settings.model.clone(),
@@ -153,8 +165,11 @@ impl OpenAiResponder {
     }
 
     async fn attempt(&self, body: &[u8], deltas: Option<&Deltas>) -> Result<Reply, Failure> {
-        let mut request = self
-            .client
+        let client = self
+            .clients
+            .get_or_try(|| build_client(self.connect_timeout))
+            .map_err(|e| Failure::provider(format!("{e:#}")))?;
+        let mut request = client
             .post(&self.endpoint)
             .header(header::CONTENT_TYPE, "application/json")
             .body(body.to_vec());
