@@ -193,6 +193,42 @@ print(f"{len(lat) / elapsed:.0f} {lat[len(lat) // 2] * 1e3:.3f} {lat[int(len(lat
 PY
 }
 
+# durable_floor RATE SECONDS: the durable work of local-mode core requests and nothing else, at
+# a fixed rate: RATE "requests" per second spread over 16 writers (oha's -c 16) and 64 files,
+# each appending a line with fdatasync, then a second one (the user's message, then the reply).
+# Latency counts from the scheduled start, as oha's --latency-correction does. Prints p50 p99
+# in ms: what the disk alone makes of two sequential flushes when others flush at the same time.
+durable_floor() {
+  python3 - "$bench_work/durable" "$1" "${2:-5}" <<'PY'
+import os, sys, threading, time
+folder, rate, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+os.makedirs(folder, exist_ok=True)
+writers, files = 16, 64
+fds = [os.open(f"{folder}/{i}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) for i in range(files)]
+line, gap, lat, lock = b"x" * 299 + b"\n", writers / rate, [], threading.Lock()
+start = time.perf_counter() + 0.1
+def writer(w):
+    mine, due, n = [], start + w * gap / writers, 0
+    while due < start + seconds:
+        time.sleep(max(0.0, due - time.perf_counter()))
+        fd = fds[(w + n * writers) % files]
+        for _ in range(2):
+            os.write(fd, line)
+            os.fdatasync(fd)
+        mine.append(time.perf_counter() - due)
+        due, n = due + gap, n + 1
+    with lock:
+        lat.extend(mine)
+threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
+for t in threads: t.start()
+for t in threads: t.join()
+for fd in fds: os.close(fd)
+lat.sort()
+print(f"{lat[len(lat) // 2] * 1e3:.3f} {lat[int(len(lat) * 0.99)] * 1e3:.3f}")
+PY
+  rm -rf "$bench_work/durable"
+}
+
 # Core request bodies: COUNT conversations named PREFIX_1..COUNT, one body per line (oha -Z).
 core_bodies() { # prefix, count, [extra JSON fields]
   local i

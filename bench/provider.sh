@@ -74,10 +74,20 @@ done
 fixed_direct=$(direct "direct@${RATE}/s" -q "$RATE" -c 16 --latency-correction); echo "$fixed_direct"
 fixed_maestra=$(through "maestra@${RATE}/s" -q "$RATE" -c 16 --latency-correction); echo "$fixed_maestra"
 offline "offline@${RATE}/s" -q "$RATE" -c 16 --latency-correction
+if [ "$MODE" = local ]; then
+  # The disk alone doing the same durable work at the same rate: the floor under the overhead.
+  read -r disk_p50 disk_p99 < <(durable_floor "$RATE" "${DURATION%s}")
+  printf 'disk alone@%s/s (2 appends+fdatasync each)\t%s\t%s\t%s\t0\n' "$RATE" "$RATE" "$disk_p50" "$disk_p99"
+fi
 sat_direct=$(direct "direct@${CONNECTIONS}c" -c "$CONNECTIONS"); echo "$sat_direct"
 sat_maestra=$(through "maestra@${CONNECTIONS}c" -c "$CONNECTIONS"); echo "$sat_maestra"
 offline "offline@${CONNECTIONS}c" -c "$CONNECTIONS"
 overhead "fixed ${RATE} req/s" "$fixed_direct" "$fixed_maestra"
+if [ "$MODE" = local ]; then
+  awk -v m="$(col 4 "$fixed_maestra")" -v d="$(col 4 "$fixed_direct")" -v f="$disk_p99" 'BEGIN {
+    printf "of the p99 overhead, the disk alone (two flushes at this rate) takes %.3f ms: %.0f%%\n",
+      f, 100 * f / (m - d) }'
+fi
 overhead "saturation (${CONNECTIONS} connections)" "$sat_direct" "$sat_maestra"
 awk -v d="$(col 2 "$sat_direct")" -v m="$(col 2 "$sat_maestra")" \
   'BEGIN { printf "saturation throughput: maestra %.2fx the direct rate\n", m / d }'
@@ -104,3 +114,4 @@ bench_result provider_maestra_p99 "$(col 4 "$fixed_maestra")"
 bench_result provider_errors "$(($(col 5 "$fixed_maestra") + $(col 5 "$sat_maestra")))"
 bench_result provider_overhead_p99 "$(awk -v d="$(col 4 "$fixed_direct")" -v m="$(col 4 "$fixed_maestra")" 'BEGIN { printf "%.3f", m - d }')"
 bench_result provider_rss "$rss"
+if [ "$MODE" = local ]; then bench_result provider_disk_p99 "$disk_p99"; fi

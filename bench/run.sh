@@ -50,7 +50,7 @@ row "1. cloud core p99 <= 2x pgbench p99" \
 row "1. cloud core: 0 errors" "$cloud_core_errors errors" "-" \
   "$(verdict 'e == 0' -v e="$cloud_core_errors")"
 row "2. overhead over a fake provider at ${RATE:-500} req/s: p99 < 3 ms" \
-  "p99 $provider_maestra_p99 ms through vs $provider_direct_p99 ms direct" \
+  "p99 $provider_maestra_p99 ms through vs $provider_direct_p99 ms direct (disk alone $provider_disk_p99)" \
   "+$provider_overhead_p99 ms ($(awk -v a="$provider_overhead_p99" 'BEGIN { printf "%.2fx", a / 3 }') of 3)" \
   "$(verdict 'o < 3 && e == 0' -v o="$provider_overhead_p99" -v e="$provider_errors")"
 row "3. local /health >= 0.5x actix hello world" \
