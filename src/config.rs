@@ -467,7 +467,8 @@ fn parse_log_format(value: &str) -> Result<LogFormat, ConfigError> {
 mod tests {
     use super::*;
 
-    fn load(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    /// Settings from exactly these variables (plus a HOME, unless given).
+    pub(super) fn load(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
         let mut map: HashMap<String, String> = vars
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

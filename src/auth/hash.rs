@@ -32,7 +32,10 @@ pub fn verify_key(key: &str, phc: Option<&str>) -> bool {
     let Some(phc) = phc.or(DECOY.as_deref()) else {
         return false;
     };
-    let matches = PasswordHash::new(phc).is_ok_and(|parsed| matches(key, &parsed));
+    let matches = PasswordHash::new(phc)
+        .ok()
+        .and_then(|parsed| matches(key, &parsed))
+        .unwrap_or(false);
     matches && phc != DECOY.as_deref().unwrap_or_default()
 }
 
@@ -42,33 +45,27 @@ pub fn verify_key(key: &str, phc: Option<&str>) -> bool {
 static WORK_MEMORY: Mutex<Vec<Block>> = Mutex::new(Vec::new());
 
 /// Recomputes the hash with the parameters and salt stored in `phc`; compares in constant time.
-fn matches(key: &str, phc: &PasswordHash<'_>) -> bool {
-    let recompute = || -> Option<bool> {
-        let algorithm = Algorithm::try_from(phc.algorithm).ok()?;
-        let version = match phc.version {
-            Some(v) => Version::try_from(v).ok()?,
-            None => Version::default(),
-        };
-        let params = Params::try_from(phc).ok()?;
-        let expected = phc.hash?;
-        let mut salt = [0u8; 64];
-        let salt = phc.salt?.decode_b64(&mut salt).ok()?;
-        let mut out = vec![0u8; expected.len()];
-        let mut memory = WORK_MEMORY.lock().unwrap_or_else(PoisonError::into_inner);
-        if memory.len() < params.block_count() {
-            memory.resize(params.block_count(), Block::default());
-        }
-        Argon2::new(algorithm, version, params.clone())
-            .hash_password_into_with_memory(
-                key.as_bytes(),
-                salt,
-                &mut out,
-                &mut memory[..params.block_count()],
-            )
-            .ok()?;
-        Some(Output::new(&out).ok()? == expected)
+/// `None` when `phc` cannot be used.
+fn matches(key: &str, phc: &PasswordHash<'_>) -> Option<bool> {
+    let algorithm = Algorithm::try_from(phc.algorithm).ok()?;
+    let version = match phc.version {
+        Some(v) => Version::try_from(v).ok()?,
+        None => Version::default(),
     };
-    recompute().unwrap_or(false)
+    let params = Params::try_from(phc).ok()?;
+    let expected = phc.hash?;
+    let mut salt = [0u8; 64];
+    let salt = phc.salt?.decode_b64(&mut salt).ok()?;
+    let mut out = vec![0u8; expected.len()];
+    let blocks = params.block_count();
+    let mut memory = WORK_MEMORY.lock().unwrap_or_else(PoisonError::into_inner);
+    if memory.len() < blocks {
+        memory.resize(blocks, Block::default());
+    }
+    Argon2::new(algorithm, version, params)
+        .hash_password_into_with_memory(key.as_bytes(), salt, &mut out, &mut memory[..blocks])
+        .ok()?;
+    Some(Output::new(&out).ok()? == expected)
 }
 
 #[cfg(test)]

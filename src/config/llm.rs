@@ -224,19 +224,8 @@ fn parse_model_price(raw: &Raw) -> Result<Option<Price>, ConfigError> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
-    use super::super::Settings;
+    use super::super::tests::load;
     use super::*;
-
-    fn load(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-        let mut map: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        map.insert("HOME".to_owned(), "/home/ana".to_owned());
-        Settings::load_from(map)
-    }
 
     fn provider(vars: &[(&str, &str)]) -> ProviderSettings {
         load(vars).unwrap().llm.provider.expect("a provider")
