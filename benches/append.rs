@@ -42,9 +42,13 @@ async fn main() -> anyhow::Result<()> {
     let short = ConversationId::parse("conv_short")?;
     let long = ConversationId::parse("conv_long")?;
 
-    eprintln!("filling a {LONG}-message conversation (one fsync each)...");
+    eprintln!("filling a {LONG}-message conversation (one journal flush each)...");
     {
-        let store = FileStore::open(dir.path().join("conversations"), 20)?;
+        let store = FileStore::open(
+            dir.path().join("conversations"),
+            &dir.path().join("journal"),
+            20,
+        )?;
         for i in 0..LONG {
             store.append(&owner, &long, message(i)).await?;
         }
@@ -54,7 +58,11 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // A fresh store, as after a restart; the first append of each loads its file.
-    let store = FileStore::open(dir.path().join("conversations"), 20)?;
+    let store = FileStore::open(
+        dir.path().join("conversations"),
+        &dir.path().join("journal"),
+        20,
+    )?;
     store.append(&owner, &long, message(0)).await?;
     store.append(&owner, &short, message(0)).await?;
 

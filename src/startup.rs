@@ -42,7 +42,7 @@ pub struct Application {
     port: u16,
     server: Server,
     /// Local mode: the data folder's lock and port file, released when serving ends.
-    _local: Option<LocalInstance>,
+    local: Option<LocalInstance>,
     /// Cloud mode: flushed once more at shutdown.
     authenticator: Option<Arc<Authenticator>>,
     /// Work that lives as long as the server, stopped with it.
@@ -66,6 +66,8 @@ impl Drop for BackgroundTasks {
 /// One server per data folder: the lock is held, and the port file kept, while it lives.
 struct LocalInstance {
     _lock: File,
+    /// Closed cleanly once the server has stopped.
+    store: FileStore,
     port_file: PathBuf,
     port: u16,
 }
@@ -96,10 +98,17 @@ impl Application {
         let lock = lock_data_dir(data_dir)?;
 
         let metrics = Arc::new(Metrics::new(settings.mode.as_str())?);
-        let store = FileStore::open(data_dir.join("conversations"), settings.history_messages)?;
+        let store = FileStore::open(
+            data_dir.join("conversations"),
+            &data_dir.join("journal"),
+            settings.history_messages,
+        )?;
         let usage_log = UsageLog::open(&data_dir.join("maestra_metrics.jsonl"))?;
         let service = ConversationService::new(
-            Arc::new(MeasuredStore::new(Arc::new(store), Arc::clone(&metrics))),
+            Arc::new(MeasuredStore::new(
+                Arc::new(store.clone()),
+                Arc::clone(&metrics),
+            )),
             responder::from_settings(&settings.llm)?,
             Some(usage_log),
             settings.history_messages,
@@ -114,6 +123,7 @@ impl Application {
         write_port_file(&port_file, port)?;
         let local = LocalInstance {
             _lock: lock,
+            store,
             port_file,
             port,
         };
@@ -130,7 +140,7 @@ impl Application {
         Ok(Self {
             port,
             server,
-            _local: Some(local),
+            local: Some(local),
             authenticator: None,
             _background: BackgroundTasks(Vec::new()),
             draining,
@@ -204,7 +214,7 @@ impl Application {
         Ok(Self {
             port,
             server,
-            _local: None,
+            local: None,
             authenticator: Some(authenticator),
             _background: background,
             draining,
@@ -240,6 +250,12 @@ impl Application {
         on_signal.abort();
         if let Some(authenticator) = &self.authenticator {
             authenticator.flush_last_used().await;
+        }
+        if let Some(local) = &self.local {
+            let store = local.store.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || store.close()).await {
+                tracing::error!(error = %e, "cannot close the store");
+            }
         }
         tracing::info!("maestra stopped");
         result

@@ -2,15 +2,18 @@
 //! `<data>/conversations/<conversation_id>.json`.
 //!
 //! The first line is the conversation's header (its owner), every further line one message.
-//! An append writes one line and `fsync`s it before returning, so its cost does not grow with
-//! the conversation. A crash can only tear the last line; loading drops such a line (it was
-//! never acknowledged) and keeps everything before it. Each open conversation has its own lock,
-//! so two surfaces writing at once are stored one after the other with distinct seqs.
+//! An append writes one line, so its cost does not grow with the conversation, and returns once
+//! the line is durable: the same bytes go to the store's journal (`<data>/journal/`), which
+//! flushes the appends of all conversations together (see `journal`). After a crash, what the
+//! journal holds is written into the files again before anything is served; a line that was
+//! never acknowledged can only be torn at a file's end, and loading drops it. Each open
+//! conversation has its own lock, so two surfaces writing at once are stored one after the other
+//! with distinct seqs.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 
@@ -19,6 +22,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::journal::{self, Entry, Journal};
 use super::{ConversationStore, ConversationSummary, Owner, StoreError};
 use crate::domain::{ConversationId, Message, NewMessage, UserId};
 
@@ -37,6 +41,7 @@ struct Inner {
     /// Messages kept in memory per open conversation, so the history window costs no read.
     keep_recent: usize,
     open: Mutex<HashMap<ConversationId, Arc<Mutex<Option<OpenConversation>>>>>,
+    journal: Journal,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -82,17 +87,57 @@ pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 impl FileStore {
-    /// Opens (creating if needed, mode 0700) the conversations folder.
-    pub fn open(dir: impl Into<PathBuf>, keep_recent: usize) -> anyhow::Result<Self> {
+    /// Opens (creating if needed, mode 0700) the conversations folder and the journal folder,
+    /// and first applies what the journal kept from a run that did not stop cleanly.
+    pub fn open(
+        dir: impl Into<PathBuf>,
+        journal_dir: &Path,
+        keep_recent: usize,
+    ) -> anyhow::Result<Self> {
+        Self::open_with_segments(
+            dir,
+            journal_dir,
+            keep_recent,
+            journal::DEFAULT_SEGMENT_BYTES,
+        )
+    }
+
+    /// `open`, with journal segments of `segment_bytes` (small ones make checkpoints frequent).
+    pub fn open_with_segments(
+        dir: impl Into<PathBuf>,
+        journal_dir: &Path,
+        keep_recent: usize,
+        segment_bytes: u64,
+    ) -> anyhow::Result<Self> {
         let dir = dir.into();
         create_private_dir(&dir)?;
+        create_private_dir(journal_dir)?;
+        let recovered = journal::recover(journal_dir)
+            .with_context(|| format!("cannot read the journal in {}", journal_dir.display()))?;
+        apply_recovered(&dir, &recovered.entries)
+            .with_context(|| format!("cannot apply the journal to {}", dir.display()))?;
+        let checkpoint_dir = dir.clone();
+        let journal = Journal::start(
+            journal_dir,
+            segment_bytes,
+            &recovered,
+            Arc::new(move |touched: &HashSet<String>| flush_files(&checkpoint_dir, touched)),
+        )
+        .with_context(|| format!("cannot start the journal in {}", journal_dir.display()))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 dir,
                 keep_recent: keep_recent.max(1),
                 open: Mutex::new(HashMap::new()),
+                journal,
             }),
         })
+    }
+
+    /// A clean stop: flushes what the journal holds into the conversation files and erases it,
+    /// so the next start has nothing to apply. Appends fail after it.
+    pub fn close(&self) {
+        self.inner.journal.close();
     }
 
     /// Runs blocking file work off the async executor.
@@ -167,6 +212,9 @@ impl ConversationStore for FileStore {
     }
 
     async fn check(&self) -> Result<(), StoreError> {
+        if let Some(failure) = self.inner.journal.failure() {
+            return Err(StoreError::Unavailable(failure));
+        }
         // One stat of a local folder: inline, as a hand-off to the blocking pool would cost
         // far more than the call (it was most of /health's time under load).
         let meta = fs::metadata(&self.inner.dir)?;
@@ -197,8 +245,32 @@ type Slot = Arc<Mutex<Option<OpenConversation>>>;
 
 impl Inner {
     fn path(&self, conversation: &ConversationId) -> PathBuf {
-        self.dir
-            .join(format!("{}.{FILE_EXTENSION}", conversation.as_str()))
+        file_path(&self.dir, conversation.as_str())
+    }
+
+    /// Appends `bytes` at `offset`, the end of the conversation's file, and makes them durable:
+    /// through the journal, or, for a record too large for it, by flushing the file itself.
+    fn write_durably(
+        &self,
+        conversation: &ConversationId,
+        file: &mut File,
+        offset: u64,
+        bytes: Vec<u8>,
+    ) -> io::Result<()> {
+        file.write_all(&bytes)?;
+        let entry = Entry::Write {
+            conversation: conversation.as_str().to_owned(),
+            offset,
+            bytes,
+        };
+        if self.journal.accepts(&entry) {
+            return self.journal.commit(entry);
+        }
+        file.sync_data()?;
+        if offset == 0 {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
     }
 
     /// The conversation's lock slot; closes idle conversations when too many are open.
@@ -254,13 +326,14 @@ impl Inner {
             let open = Self::owned(slot, owner)?;
             let message = new.into_message(open.next_seq);
             let line = encode(&Record::Message(message.clone()))?;
-            if let Err(e) = write_durably(&mut open.file, &line) {
+            let line_len = line.len() as u64;
+            if let Err(e) = self.write_durably(conversation, &mut open.file, open.len, line) {
                 // Cut a partial line so the next append starts clean; reload next time.
                 let _ = open.file.set_len(open.len);
                 *slot = None;
                 return Err(e.into());
             }
-            open.len += line.len() as u64;
+            open.len += line_len;
             open.next_seq += 1;
             open.remember(message.clone(), self.keep_recent);
             Ok(message)
@@ -291,14 +364,15 @@ impl Inner {
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
-        if let Err(e) = write_durably(&mut file, &bytes).and_then(|()| sync_dir(&self.dir)) {
+        let len = bytes.len() as u64;
+        if let Err(e) = self.write_durably(conversation, &mut file, 0, bytes) {
             let _ = fs::remove_file(&path);
             return Err(e.into());
         }
         let mut open = OpenConversation {
             header,
             file,
-            len: bytes.len() as u64,
+            len,
             next_seq: 2,
             recent: VecDeque::new(),
         };
@@ -400,8 +474,12 @@ impl Inner {
     fn delete(&self, owner: &Owner, conversation: &ConversationId) -> Result<(), StoreError> {
         self.with_conversation(conversation, |slot| {
             Self::owned(slot, owner)?;
+            // Journaled first: after a crash the removal is done again, and the conversation
+            // never comes back from earlier entries.
+            self.journal.commit(Entry::Delete {
+                conversation: conversation.as_str().to_owned(),
+            })?;
             fs::remove_file(self.path(conversation))?;
-            sync_dir(&self.dir)?;
             *slot = None;
             Ok(())
         })?;
@@ -441,14 +519,92 @@ fn encode(record: &Record) -> Result<Vec<u8>, StoreError> {
     Ok(line)
 }
 
-fn write_durably(file: &mut File, bytes: &[u8]) -> io::Result<()> {
-    file.write_all(bytes)?;
-    file.sync_data()
+fn file_path(dir: &Path, conversation: &str) -> PathBuf {
+    dir.join(format!("{conversation}.{FILE_EXTENSION}"))
 }
 
 /// Makes a file's creation or removal itself durable.
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// Makes the named conversations' files, and the folder's entries, durable: the journal's
+/// checkpoint. A file deleted since has nothing left to flush.
+fn flush_files(dir: &Path, conversations: &HashSet<String>) -> io::Result<()> {
+    for conversation in conversations {
+        match File::open(file_path(dir, conversation)) {
+            Ok(file) => file.sync_data()?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    sync_dir(dir)
+}
+
+/// Applies what the journal kept from a run that did not stop cleanly, in order: each write
+/// stands in its file again (the page cache may have lost it), each removal is done again.
+fn apply_recovered(dir: &Path, entries: &[Entry]) -> io::Result<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut touched = HashSet::new();
+    let mut rewritten = 0;
+    for entry in entries {
+        let conversation = entry.conversation();
+        if ConversationId::parse(conversation).is_err() {
+            tracing::warn!("skipping a journal entry with an invalid conversation id");
+            continue;
+        }
+        let path = file_path(dir, conversation);
+        match entry {
+            Entry::Write { offset, bytes, .. } => {
+                if restore(&path, *offset, bytes)? {
+                    rewritten += 1;
+                }
+                touched.insert(conversation.to_owned());
+            }
+            Entry::Delete { .. } => match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            },
+        }
+    }
+    flush_files(dir, &touched)?;
+    tracing::info!(
+        entries = entries.len(),
+        rewritten,
+        "applied the store's journal left by a run that did not stop cleanly"
+    );
+    Ok(())
+}
+
+/// Makes `bytes` stand at `offset` in the file; whether they had to be written.
+fn restore(path: &Path, offset: u64, bytes: &[u8]) -> io::Result<bool> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(offset == 0)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // Its start was flushed long ago, and the file removed by hand since.
+            tracing::warn!(file = %path.display(), "skipping a journal entry for a missing file");
+            return Ok(false);
+        }
+        Err(e) => return Err(e),
+    };
+    if file.metadata()?.len() >= offset + bytes.len() as u64 {
+        let mut present = vec![0; bytes.len()];
+        file.read_exact_at(&mut present, offset)?;
+        if present == bytes {
+            return Ok(false);
+        }
+    }
+    file.write_all_at(bytes, offset)?;
+    Ok(true)
 }
 
 /// Reads one line; `None` at the end of the data. A line without its newline is torn.
@@ -564,4 +720,160 @@ fn read_messages(
         }
     }
     Ok(messages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Role, SurfaceId};
+
+    fn owner() -> Owner {
+        Owner {
+            tenant: "local".into(),
+            user_id: UserId::parse("ana").unwrap(),
+        }
+    }
+
+    fn id(conversation: &str) -> ConversationId {
+        ConversationId::parse(conversation).unwrap()
+    }
+
+    fn say(text: &str) -> NewMessage {
+        NewMessage {
+            role: Role::User,
+            surface_id: SurfaceId::parse("cli").unwrap(),
+            content: text.to_owned(),
+            model: None,
+            usage: None,
+            api_key_id: None,
+        }
+    }
+
+    async fn contents(store: &FileStore, conversation: &str) -> Vec<(i64, String)> {
+        match store.messages(&owner(), &id(conversation), 0, 1000).await {
+            Ok(messages) => messages.into_iter().map(|m| (m.seq, m.content)).collect(),
+            Err(StoreError::NotFound) => Vec::new(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn after_a_crash_the_journal_restores_writes_the_files_lost_and_redoes_removals() {
+        let data = tempfile::tempdir().unwrap();
+        let (conversations, journal) = (
+            data.path().join("conversations"),
+            data.path().join("journal"),
+        );
+        let store = FileStore::open(&conversations, &journal, 20).unwrap();
+        let ana = owner();
+        store.append(&ana, &id("conv_a"), say("a1")).await.unwrap();
+        store.append(&ana, &id("conv_b"), say("b1")).await.unwrap();
+        store.append(&ana, &id("conv_a"), say("a2")).await.unwrap();
+        store.delete(&ana, &id("conv_b")).await.unwrap();
+        store
+            .append(&ana, &id("conv_b"), say("b again"))
+            .await
+            .unwrap();
+        store.append(&ana, &id("conv_c"), say("c1")).await.unwrap();
+        store.delete(&ana, &id("conv_c")).await.unwrap();
+        store.inner.journal.abandon();
+        drop(store);
+
+        // What a power cut can do to writes never flushed: a file gone, a tail cut off, and a
+        // removal undone.
+        fs::remove_file(conversations.join("conv_a.json")).unwrap();
+        let b = conversations.join("conv_b.json");
+        let b_len = fs::metadata(&b).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&b)
+            .unwrap()
+            .set_len(b_len / 2)
+            .unwrap();
+        fs::write(conversations.join("conv_c.json"), b"stale").unwrap();
+
+        let store = FileStore::open(&conversations, &journal, 20).unwrap();
+        assert_eq!(
+            contents(&store, "conv_a").await,
+            [(1, "a1".to_owned()), (2, "a2".to_owned())]
+        );
+        assert_eq!(
+            contents(&store, "conv_b").await,
+            [(1, "b again".to_owned())]
+        );
+        assert!(!conversations.join("conv_c.json").exists());
+        let next = store.append(&ana, &id("conv_a"), say("a3")).await.unwrap();
+        assert_eq!(next.seq, 3);
+    }
+
+    #[tokio::test]
+    async fn appends_go_on_across_many_checkpoints() {
+        let data = tempfile::tempdir().unwrap();
+        let (conversations, journal) = (
+            data.path().join("conversations"),
+            data.path().join("journal"),
+        );
+        // Segments of 8 KiB: a checkpoint every dozen appends or so.
+        let store = FileStore::open_with_segments(&conversations, &journal, 20, 8192).unwrap();
+        let store = Arc::new(store);
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    for i in 0..100 {
+                        let conversation = id(&format!("conv_{}", (w + i) % 6));
+                        store
+                            .append(
+                                &owner(),
+                                &conversation,
+                                say(&format!("w{w} m{i} {}", "x".repeat(200))),
+                            )
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        drop(Arc::into_inner(store).unwrap());
+
+        let store = FileStore::open(&conversations, &journal, 20).unwrap();
+        let mut total = 0;
+        for c in 0..6 {
+            let messages = contents(&store, &format!("conv_{c}")).await;
+            let seqs: Vec<i64> = messages.iter().map(|(seq, _)| *seq).collect();
+            assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>());
+            total += messages.len();
+        }
+        assert_eq!(total, 400);
+    }
+
+    #[tokio::test]
+    async fn a_message_larger_than_a_journal_segment_is_flushed_in_its_file() {
+        let data = tempfile::tempdir().unwrap();
+        let (conversations, journal) = (
+            data.path().join("conversations"),
+            data.path().join("journal"),
+        );
+        let store = FileStore::open_with_segments(&conversations, &journal, 20, 8192).unwrap();
+        let large = "y".repeat(20_000);
+        store
+            .append(&owner(), &id("conv_big"), say(&large))
+            .await
+            .unwrap();
+        store
+            .append(&owner(), &id("conv_big"), say("small"))
+            .await
+            .unwrap();
+        store.inner.journal.abandon();
+        drop(store);
+
+        let store = FileStore::open(&conversations, &journal, 20).unwrap();
+        assert_eq!(
+            contents(&store, "conv_big").await,
+            [(1, large), (2, "small".to_owned())]
+        );
+    }
 }

@@ -2,6 +2,7 @@
 //! it is written once.
 
 mod file;
+mod journal;
 mod measured;
 mod postgres;
 

@@ -167,6 +167,29 @@ async fn local_sigkill_under_load_loses_no_acknowledged_message() {
     assert_eq!(reply["seq"], count);
 }
 
+#[tokio::test]
+async fn local_crash_that_also_loses_unflushed_file_writes_loses_no_acknowledged_message() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::start(data.path(), &[]).await;
+    let load = Load::start(&server.url(""), None, false);
+    load.until_acknowledged(200).await;
+    server.kill_hard();
+    let (acknowledged, _) = load.finish().await;
+
+    // The conversation files are never flushed on their own while the journal still holds
+    // their writes (a few hundred turns are far from filling a segment): after a power cut
+    // they may be gone entirely. The journal brings them back.
+    for conversation in CONVERSATIONS {
+        std::fs::remove_file(
+            data.path()
+                .join(format!("conversations/{conversation}.json")),
+        )
+        .unwrap();
+    }
+    let server = ServerProcess::start(data.path(), &[]).await;
+    assert_all_kept(&server.url(""), None, &acknowledged).await;
+}
+
 /// A free port right now, for a server that takes a fixed port (cloud mode).
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -166,7 +166,7 @@ mod suite {
 }
 
 fn file_store(dir: &std::path::Path) -> FileStore {
-    FileStore::open(dir.join("conversations"), 20).unwrap()
+    FileStore::open(dir.join("conversations"), &dir.join("journal"), 20).unwrap()
 }
 
 #[tokio::test]

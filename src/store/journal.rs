@@ -1,0 +1,772 @@
+//! Group commit for the local store: one write-ahead journal makes many appends durable with one
+//! flush.
+//!
+//! A conversation's file takes its new line at once (into the page cache); the same bytes go to
+//! the journal, and the append waits until the journal has flushed them. One flush at a time
+//! writes everything gathered since the last one, so concurrent appends to different
+//! conversations share a single `fdatasync` and flushes never queue in the device. The journal
+//! is two zero-filled segments overwritten in place: a flush writes data only, never a file size
+//! or a block map.
+//!
+//! When the active segment is full the journal moves on to the other one, and a checkpointer
+//! thread flushes the conversation files the full segment touched; then that segment is erased
+//! and may be reused. After a crash, [`recover`] returns the entries of the live segments,
+//! oldest first, for the store to apply again: every acknowledged write is among them.
+//!
+//! Segment: a header (magic, version, generation, live flag, CRC) in the first `HEADER_LEN`
+//! bytes, then records, each `len u32 | generation u64 | crc u32 | payload`. Generations grow
+//! across segments and runs; a record counts only if it carries its segment's generation and its
+//! CRC matches, so what an earlier cycle left further on is never read as new.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::mem;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+
+/// Each of the two segments, by default: about 4,000 turns of ordinary length.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 4 << 20;
+const SEGMENTS: usize = 2;
+const MAGIC: &[u8; 8] = b"MAESTRAJ";
+const VERSION: u32 = 1;
+/// The header has a block of its own, so rewriting it never touches a record.
+const HEADER_LEN: u64 = 4096;
+const FRAME_LEN: usize = 4 + 8 + 4;
+const WRITE: u8 = 1;
+const DELETE: u8 = 2;
+
+/// One change to a conversation file, as the journal keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// `bytes` stand in the conversation's file at `offset` (0 creates the file).
+    Write {
+        conversation: String,
+        offset: u64,
+        bytes: Vec<u8>,
+    },
+    /// The conversation's file is removed.
+    Delete { conversation: String },
+}
+
+impl Entry {
+    pub fn conversation(&self) -> &str {
+        match self {
+            Entry::Write { conversation, .. } | Entry::Delete { conversation } => conversation,
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        let fixed = 2 + self.conversation().len();
+        match self {
+            Entry::Write { bytes, .. } => fixed + 8 + bytes.len(),
+            Entry::Delete { .. } => fixed,
+        }
+    }
+
+    fn encode_into(&self, out: &mut Vec<u8>) {
+        let id = self.conversation().as_bytes();
+        // Conversation ids are at most 128 bytes (domain::ConversationId).
+        let id_len = u8::try_from(id.len()).unwrap_or(u8::MAX);
+        match self {
+            Entry::Write { offset, bytes, .. } => {
+                out.extend([WRITE, id_len]);
+                out.extend(&id[..usize::from(id_len)]);
+                out.extend(offset.to_le_bytes());
+                out.extend(bytes);
+            }
+            Entry::Delete { .. } => {
+                out.extend([DELETE, id_len]);
+                out.extend(&id[..usize::from(id_len)]);
+            }
+        }
+    }
+
+    fn decode(payload: &[u8]) -> Option<Entry> {
+        let (&kind, rest) = payload.split_first()?;
+        let (&id_len, rest) = rest.split_first()?;
+        let (id, rest) = rest.split_at_checked(usize::from(id_len))?;
+        let conversation = String::from_utf8(id.to_vec()).ok()?;
+        match kind {
+            WRITE => {
+                let (offset, bytes) = rest.split_first_chunk::<8>()?;
+                Some(Entry::Write {
+                    conversation,
+                    offset: u64::from_le_bytes(*offset),
+                    bytes: bytes.to_vec(),
+                })
+            }
+            DELETE if rest.is_empty() => Some(Entry::Delete { conversation }),
+            _ => None,
+        }
+    }
+}
+
+/// Makes the conversation files named durable (the checkpoint of a full segment).
+pub type FlushFiles = dyn Fn(&HashSet<String>) -> io::Result<()> + Send + Sync;
+
+pub struct Journal {
+    shared: Arc<Shared>,
+    capacity: usize,
+    checkpointer: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct Shared {
+    segments: [File; SEGMENTS],
+    flush_files: Arc<FlushFiles>,
+    state: Mutex<State>,
+    /// Held by the one caller that writes and flushes for everybody (see `Journal::commit`).
+    writer: Mutex<Writer>,
+    /// The checkpointer waits here for a full segment.
+    to_checkpoint: Condvar,
+    /// Callers wait here for their flush, the writer for a clean segment.
+    progress: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    pending: Vec<Entry>,
+    /// Entries handed in so far, and how many of them are durable.
+    submitted: u64,
+    durable: u64,
+    /// Whether a caller is writing and flushing right now.
+    flushing: bool,
+    /// Set once, by a failed write or flush; everything fails after it.
+    failure: Option<String>,
+    stopping: bool,
+    /// A full segment waiting to be checkpointed, with the conversations it touched.
+    checkpoint: Option<(usize, HashSet<String>)>,
+    /// Which segments hold nothing a crash would need (so may be overwritten).
+    clean: [bool; SEGMENTS],
+}
+
+/// Where the journal writes next.
+struct Writer {
+    segment_bytes: u64,
+    active: usize,
+    generation: u64,
+    /// Where the next record goes in the active segment.
+    position: u64,
+    /// Conversations the active segment has touched.
+    touched: HashSet<String>,
+    buffer: Vec<u8>,
+    /// After a clean stop nothing more may be written: the journal is erased.
+    closed: bool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn wait<'a>(condvar: &Condvar, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+    condvar.wait(guard).unwrap_or_else(PoisonError::into_inner)
+}
+
+fn segment_path(dir: &Path, index: usize) -> PathBuf {
+    dir.join(format!("segment-{index}"))
+}
+
+/// What a previous run left in the journal folder.
+pub struct Recovered {
+    /// The live segments' entries, oldest first: to be applied again.
+    pub entries: Vec<Entry>,
+    /// The highest generation seen; a new run counts on from it.
+    last_generation: u64,
+}
+
+/// Reads what the journal in `dir` holds (nothing if it has no segments yet).
+pub fn recover(dir: &Path) -> io::Result<Recovered> {
+    let mut live = Vec::new();
+    let mut last_generation = 0;
+    for index in 0..SEGMENTS {
+        let bytes = match std::fs::read(segment_path(dir, index)) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let Some(header) = Header::decode(&bytes) else {
+            continue; // never written, or torn while being replaced: nothing acknowledged in it
+        };
+        last_generation = last_generation.max(header.generation);
+        if header.live {
+            live.push((header.generation, read_records(&bytes, header.generation)));
+        }
+    }
+    live.sort_by_key(|(generation, _)| *generation);
+    Ok(Recovered {
+        entries: live.into_iter().flat_map(|(_, entries)| entries).collect(),
+        last_generation,
+    })
+}
+
+/// The entries of one segment, up to the first record that is not of its generation or whole.
+fn read_records(segment: &[u8], generation: u64) -> Vec<Entry> {
+    let mut entries = Vec::new();
+    let mut rest = segment.get(HEADER_LEN as usize..).unwrap_or_default();
+    while let Some((frame, after)) = rest.split_first_chunk::<FRAME_LEN>() {
+        let (len, frame) = frame.split_at(4);
+        let (record_generation, crc) = frame.split_at(8);
+        let len = u32::from_le_bytes(len.try_into().unwrap_or_default()) as usize;
+        let Some((payload, after)) = after.split_at_checked(len) else {
+            break;
+        };
+        if len == 0
+            || record_generation != generation.to_le_bytes()
+            || crc != checksum(record_generation, payload).to_le_bytes()
+        {
+            break;
+        }
+        match Entry::decode(payload) {
+            Some(entry) => entries.push(entry),
+            None => break,
+        }
+        rest = after;
+    }
+    entries
+}
+
+fn checksum(generation: &[u8], payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(generation);
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+struct Header {
+    generation: u64,
+    /// Whether the records after it may still be needed after a crash.
+    live: bool,
+}
+
+impl Header {
+    const LEN: usize = 8 + 4 + 8 + 1 + 4;
+
+    fn encode(&self) -> [u8; Self::LEN] {
+        let mut out = [0; Self::LEN];
+        out[..8].copy_from_slice(MAGIC);
+        out[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        out[12..20].copy_from_slice(&self.generation.to_le_bytes());
+        out[20] = u8::from(self.live);
+        let crc = crc32fast::hash(&out[..21]);
+        out[21..].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    fn decode(segment: &[u8]) -> Option<Header> {
+        let bytes = segment.get(..Self::LEN)?;
+        let crc = u32::from_le_bytes(bytes[21..].try_into().ok()?);
+        if &bytes[..8] != MAGIC
+            || bytes[8..12] != VERSION.to_le_bytes()
+            || crc != crc32fast::hash(&bytes[..21])
+        {
+            return None;
+        }
+        Some(Header {
+            generation: u64::from_le_bytes(bytes[12..20].try_into().ok()?),
+            live: bytes[20] == 1,
+        })
+    }
+
+    fn write(&self, segment: &File) -> io::Result<()> {
+        segment.write_all_at(&self.encode(), 0)?;
+        segment.sync_data()
+    }
+}
+
+/// Opens a segment, zero-filled to its full size so that writing into it never grows it.
+fn open_segment(dir: &Path, index: usize, size: u64) -> io::Result<File> {
+    let path = segment_path(dir, index);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)?;
+    if file.metadata()?.len() != size {
+        file.set_len(0)?;
+        let zeros = vec![0; 1 << 20];
+        let mut at = 0;
+        while at < size {
+            let n = zeros.len().min((size - at) as usize);
+            file.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        file.sync_all()?;
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(file)
+}
+
+impl Journal {
+    /// Starts a fresh journal in `dir` after `recovered` has been applied and made durable:
+    /// both segments are erased, and counting goes on from the last generation.
+    pub fn start(
+        dir: &Path,
+        segment_bytes: u64,
+        recovered: &Recovered,
+        flush_files: Arc<FlushFiles>,
+    ) -> io::Result<Journal> {
+        let segment_bytes = segment_bytes.max(HEADER_LEN * 2);
+        let segments = [
+            open_segment(dir, 0, segment_bytes)?,
+            open_segment(dir, 1, segment_bytes)?,
+        ];
+        let generation = recovered.last_generation + 1;
+        Header {
+            generation,
+            live: false,
+        }
+        .write(&segments[1])?;
+        Header {
+            generation,
+            live: true,
+        }
+        .write(&segments[0])?;
+
+        let shared = Arc::new(Shared {
+            segments,
+            flush_files,
+            state: Mutex::new(State {
+                clean: [false, true],
+                ..State::default()
+            }),
+            writer: Mutex::new(Writer {
+                segment_bytes,
+                active: 0,
+                generation,
+                position: HEADER_LEN,
+                touched: HashSet::new(),
+                buffer: Vec::new(),
+                closed: false,
+            }),
+            to_checkpoint: Condvar::new(),
+            progress: Condvar::new(),
+        });
+        let checkpointer = {
+            let shared = Arc::clone(&shared);
+            thread::Builder::new()
+                .name("journal-checkpoint".into())
+                .spawn(move || shared.run_checkpoints())?
+        };
+        Ok(Journal {
+            shared,
+            capacity: (segment_bytes - HEADER_LEN) as usize,
+            checkpointer: Mutex::new(Some(checkpointer)),
+        })
+    }
+
+    /// Whether `entry` fits in a segment; a larger one must be made durable another way.
+    pub fn accepts(&self, entry: &Entry) -> bool {
+        FRAME_LEN + entry.encoded_len() <= self.capacity
+    }
+
+    /// Adds `entry` and waits until it is durable. Fails for good once a write or flush of the
+    /// journal has failed (what happened to the disk cannot be known after that).
+    ///
+    /// Group commit without a thread of its own: a caller that finds no flush under way writes
+    /// and flushes everything gathered so far, its own entry and those of the callers waiting;
+    /// callers that arrive meanwhile gather for the next flush. Alone, a caller flushes at once.
+    pub fn commit(&self, entry: Entry) -> io::Result<()> {
+        if !self.accepts(&entry) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "an entry larger than a journal segment",
+            ));
+        }
+        let shared = &*self.shared;
+        let mut state = lock(&shared.state);
+        if state.stopping {
+            return Err(io::Error::other("the store is closed"));
+        }
+        state.pending.push(entry);
+        state.submitted += 1;
+        let ticket = state.submitted;
+        loop {
+            if let Some(failure) = &state.failure {
+                return Err(io::Error::other(failure.clone()));
+            }
+            if state.durable >= ticket {
+                return Ok(());
+            }
+            if state.flushing {
+                state = wait(&shared.progress, state);
+                continue;
+            }
+            state.flushing = true;
+            let batch = mem::take(&mut state.pending);
+            let upto = state.submitted;
+            drop(state);
+            let written = lock(&shared.writer).write(shared, &batch);
+            state = lock(&shared.state);
+            state.flushing = false;
+            match written {
+                Ok(()) => state.durable = upto,
+                Err(e) => {
+                    tracing::error!(error = %e, "the store's journal cannot be written");
+                    state.failure = Some(format!("the store's journal cannot be written: {e}"));
+                }
+            }
+            shared.progress.notify_all();
+        }
+    }
+
+    /// A crash, as far as the journal can tell: stops accepting entries and leaves what it
+    /// holds for the next start to apply, as if the process had been killed.
+    #[cfg(test)]
+    pub fn abandon(&self) {
+        lock(&self.shared.state).failure = Some("abandoned".into());
+    }
+
+    /// Why the journal stopped accepting entries, if it did.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.shared.state).failure.clone()
+    }
+}
+
+impl Journal {
+    /// A clean stop: the checkpointer finishes, the conversation files are flushed, and the
+    /// journal is erased so that the next start has nothing to apply. Commits fail after it.
+    pub fn close(&self) {
+        {
+            let mut state = lock(&self.shared.state);
+            if state.stopping {
+                return;
+            }
+            state.stopping = true;
+            self.shared.to_checkpoint.notify_all();
+            // A flush under way finishes first.
+            while state.flushing {
+                state = wait(&self.shared.progress, state);
+            }
+        }
+        if let Some(checkpointer) = lock(&self.checkpointer).take() {
+            let _ = checkpointer.join();
+        }
+        if lock(&self.shared.state).failure.is_some() {
+            return; // left as it is, to be applied at the next start
+        }
+        let mut writer = lock(&self.shared.writer);
+        writer.closed = true;
+        let erased = (self.shared.flush_files)(&writer.touched).and_then(|()| {
+            Header {
+                generation: writer.generation,
+                live: false,
+            }
+            .write(&self.shared.segments[writer.active])
+        });
+        if let Err(e) = erased {
+            tracing::warn!(error = %e, "journal left to be applied at the next start");
+        }
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Writer {
+    /// Writes a batch at the end of the active segment (going on in the other one when it is
+    /// full) and flushes it.
+    fn write(&mut self, shared: &Shared, batch: &[Entry]) -> io::Result<()> {
+        if self.closed {
+            return Err(io::Error::other("the store is closed"));
+        }
+        self.buffer.clear();
+        for entry in batch {
+            let len = FRAME_LEN + entry.encoded_len();
+            if self.position + (self.buffer.len() + len) as u64 > self.segment_bytes {
+                self.flush(shared)?;
+                self.switch(shared)?;
+            }
+            self.frame(entry);
+            self.touched.insert(entry.conversation().to_owned());
+        }
+        self.flush(shared)
+    }
+
+    fn frame(&mut self, entry: &Entry) {
+        let start = self.buffer.len();
+        self.buffer.extend([0; FRAME_LEN]);
+        entry.encode_into(&mut self.buffer);
+        let generation = self.generation.to_le_bytes();
+        let payload = &self.buffer[start + FRAME_LEN..];
+        let len = u32::try_from(payload.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes();
+        let crc = checksum(&generation, payload).to_le_bytes();
+        let frame = &mut self.buffer[start..start + FRAME_LEN];
+        frame[..4].copy_from_slice(&len);
+        frame[4..12].copy_from_slice(&generation);
+        frame[12..].copy_from_slice(&crc);
+    }
+
+    /// Writes the buffer at the end of the active segment and flushes it.
+    fn flush(&mut self, shared: &Shared) -> io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let segment = &shared.segments[self.active];
+        segment.write_all_at(&self.buffer, self.position)?;
+        segment.sync_data()?;
+        self.position += self.buffer.len() as u64;
+        self.buffer.clear();
+        Ok(())
+    }
+
+    /// Moves on to the other segment once it is clean, and hands the full one to the
+    /// checkpointer.
+    fn switch(&mut self, shared: &Shared) -> io::Result<()> {
+        let next = (self.active + 1) % SEGMENTS;
+        {
+            let mut state = lock(&shared.state);
+            while !state.clean[next] {
+                if let Some(failure) = &state.failure {
+                    return Err(io::Error::other(failure.clone()));
+                }
+                state = wait(&shared.progress, state);
+            }
+        }
+        self.generation += 1;
+        Header {
+            generation: self.generation,
+            live: true,
+        }
+        .write(&shared.segments[next])?;
+        let full = mem::replace(&mut self.active, next);
+        self.position = HEADER_LEN;
+        let touched = mem::take(&mut self.touched);
+        let mut state = lock(&shared.state);
+        state.clean[next] = false;
+        state.checkpoint = Some((full, touched));
+        shared.to_checkpoint.notify_one();
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// Until the journal stops: flushes the files a full segment touched, then erases it.
+    fn run_checkpoints(&self) {
+        loop {
+            let (segment, touched) = {
+                let mut state = lock(&self.state);
+                while state.checkpoint.is_none() && !state.stopping {
+                    state = wait(&self.to_checkpoint, state);
+                }
+                match state.checkpoint.take() {
+                    Some(job) => job,
+                    None => return,
+                }
+            };
+            let done = (self.flush_files)(&touched).and_then(|()| self.erase(segment));
+            let mut state = lock(&self.state);
+            match done {
+                Ok(()) => state.clean[segment] = true,
+                Err(e) => {
+                    tracing::error!(error = %e, "the store's checkpoint failed");
+                    state.failure = Some(format!("the store's checkpoint failed: {e}"));
+                }
+            }
+            self.progress.notify_all();
+        }
+    }
+
+    /// Marks a checkpointed segment as holding nothing to apply, keeping its generation.
+    fn erase(&self, segment: usize) -> io::Result<()> {
+        let file = &self.segments[segment];
+        let mut header = [0; Header::LEN];
+        file.read_exact_at(&mut header, 0)?;
+        let generation = Header::decode(&header)
+            .map(|h| h.generation)
+            .ok_or_else(|| io::Error::other("a journal segment's header is damaged"))?;
+        Header {
+            generation,
+            live: false,
+        }
+        .write(file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(conversation: &str, offset: u64, text: &str) -> Entry {
+        Entry::Write {
+            conversation: conversation.to_owned(),
+            offset,
+            bytes: text.as_bytes().to_vec(),
+        }
+    }
+
+    fn no_files() -> Arc<FlushFiles> {
+        Arc::new(|_: &HashSet<String>| Ok(()))
+    }
+
+    fn crash(journal: Journal) {
+        journal.abandon();
+        drop(journal);
+    }
+
+    #[test]
+    fn entries_round_trip_through_their_encoding() {
+        for entry in [
+            write("conv_a", 0, "{\"x\":1}\n"),
+            write("conv_b", 1 << 40, ""),
+            Entry::Delete {
+                conversation: "conv_c".into(),
+            },
+        ] {
+            let mut out = Vec::new();
+            entry.encode_into(&mut out);
+            assert_eq!(out.len(), entry.encoded_len());
+            assert_eq!(Entry::decode(&out), Some(entry));
+        }
+        assert_eq!(Entry::decode(&[WRITE, 200, b'x']), None);
+        assert_eq!(Entry::decode(&[9, 1, b'x']), None);
+    }
+
+    #[test]
+    fn after_a_crash_every_committed_entry_comes_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::start(
+            dir.path(),
+            1 << 16,
+            &recover(dir.path()).unwrap(),
+            no_files(),
+        )
+        .unwrap();
+        let mut expected = Vec::new();
+        for i in 0..50 {
+            let entry = write(&format!("conv_{}", i % 3), i * 10, "0123456789");
+            journal.commit(entry.clone()).unwrap();
+            expected.push(entry);
+        }
+        crash(journal);
+        assert_eq!(recover(dir.path()).unwrap().entries, expected);
+    }
+
+    #[test]
+    fn a_clean_stop_leaves_nothing_to_apply_and_flushes_what_was_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let flushed = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&flushed);
+        let flush: Arc<FlushFiles> = Arc::new(move |touched: &HashSet<String>| {
+            seen.lock().unwrap().extend(touched.iter().cloned());
+            Ok(())
+        });
+        let journal =
+            Journal::start(dir.path(), 1 << 16, &recover(dir.path()).unwrap(), flush).unwrap();
+        journal.commit(write("conv_a", 0, "line\n")).unwrap();
+        drop(journal);
+        assert_eq!(*flushed.lock().unwrap(), ["conv_a"]);
+        let recovered = recover(dir.path()).unwrap();
+        assert!(recovered.entries.is_empty());
+
+        // What the old run left further on in the segments is not read as new.
+        let journal = Journal::start(dir.path(), 1 << 16, &recovered, no_files()).unwrap();
+        journal.commit(write("conv_b", 0, "new\n")).unwrap();
+        crash(journal);
+        assert_eq!(
+            recover(dir.path()).unwrap().entries,
+            [write("conv_b", 0, "new\n")]
+        );
+    }
+
+    #[test]
+    fn full_segments_are_checkpointed_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let checkpoints = Arc::new(Mutex::new(0));
+        let counted = Arc::clone(&checkpoints);
+        let flush: Arc<FlushFiles> = Arc::new(move |_: &HashSet<String>| {
+            *counted.lock().unwrap() += 1;
+            Ok(())
+        });
+        let segment = HEADER_LEN * 2;
+        let journal =
+            Journal::start(dir.path(), segment, &recover(dir.path()).unwrap(), flush).unwrap();
+        let line = "x".repeat(500);
+        let mut committed = Vec::new();
+        for i in 0..100 {
+            let entry = write("conv_a", i * 500, &line);
+            journal.commit(entry.clone()).unwrap();
+            committed.push(entry);
+        }
+        assert!(*checkpoints.lock().unwrap() >= 10, "segments went round");
+        crash(journal);
+        // What is left is a tail of what was committed, in order, up to the last entry.
+        let left = recover(dir.path()).unwrap().entries;
+        assert!(!left.is_empty());
+        assert!(committed.ends_with(&left), "{} entries left", left.len());
+        let size = std::fs::metadata(dir.path().join("segment-0"))
+            .unwrap()
+            .len();
+        assert_eq!(size, segment, "segments never grow");
+    }
+
+    #[test]
+    fn a_torn_or_damaged_record_ends_the_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::start(
+            dir.path(),
+            1 << 16,
+            &recover(dir.path()).unwrap(),
+            no_files(),
+        )
+        .unwrap();
+        for i in 0..3 {
+            journal.commit(write("conv_a", i, "abc")).unwrap();
+        }
+        crash(journal);
+        // Damage the second record's payload.
+        let path = dir.path().join("segment-0");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let second = HEADER_LEN as usize + FRAME_LEN + write("conv_a", 0, "abc").encoded_len();
+        bytes[second + FRAME_LEN + 3] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        assert_eq!(
+            recover(dir.path()).unwrap().entries,
+            [write("conv_a", 0, "abc")]
+        );
+    }
+
+    #[test]
+    fn an_entry_larger_than_a_segment_is_not_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::start(
+            dir.path(),
+            1 << 16,
+            &recover(dir.path()).unwrap(),
+            no_files(),
+        )
+        .unwrap();
+        assert!(journal.accepts(&write("conv_a", 0, &"x".repeat(1000))));
+        assert!(!journal.accepts(&write("conv_a", 0, &"x".repeat(1 << 16))));
+    }
+
+    #[test]
+    fn a_failed_checkpoint_stops_the_journal_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let flush: Arc<FlushFiles> =
+            Arc::new(|_: &HashSet<String>| Err(io::Error::other("disk gone")));
+        let journal = Journal::start(
+            dir.path(),
+            HEADER_LEN * 2,
+            &recover(dir.path()).unwrap(),
+            flush,
+        )
+        .unwrap();
+        let line = "x".repeat(1000);
+        let failed = (0..20).find_map(|i| journal.commit(write("conv_a", i, &line)).err());
+        let failure = failed
+            .expect("commits fail once the checkpoint failed")
+            .to_string();
+        assert!(failure.contains("disk gone"), "{failure}");
+        assert!(journal.failure().is_some());
+        assert!(journal.commit(write("conv_a", 0, "y")).is_err());
+    }
+}
