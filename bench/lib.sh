@@ -164,7 +164,8 @@ cpu_seconds() {
 # CPU seconds used so far by every postgres process on the machine (shared: other users' work
 # on the same server counts too).
 postgres_cpu_seconds() {
-  cat /proc/[0-9]*/stat 2>/dev/null | awk -v hz="$(getconf CLK_TCK)" '
+  # A process may exit between the glob and the read: that is not a failure.
+  { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk -v hz="$(getconf CLK_TCK)" '
     { c = $0; sub(/^[^(]*\(/, "", c); sub(/\).*$/, "", c) }
     c == "postgres" { sub(/^.*\) /, ""); t += $12 + $13 }
     END { printf "%.2f", t / hz }'
