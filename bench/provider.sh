@@ -7,13 +7,14 @@
 # the offline responder (no provider call at all: HTTP, two durable appends, the ledger).
 # Then a sequential sample of X-Maestra-Overhead-Ms, the overhead maestra reports per request.
 #   bench/provider.sh                          # 10 s per scenario, 500 req/s, 32 connections
-#   DURATION=30s RATE=500 CONNECTIONS=32 bench/provider.sh
+#   DURATION=30s RATE=500 CONNECTIONS=32 ROUNDS=3 bench/provider.sh
 set -euo pipefail
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
 bench_setup
 
 RATE=${RATE:-500}
+ROUNDS=${ROUNDS:-3}
 SAMPLES=${SAMPLES:-500}
 
 "$BENCH_ROOT/target/release/examples/fake_provider" 0 1 >"$bench_work/fake.port" &
@@ -71,8 +72,19 @@ for target in "$url" "$offline_url"; do
   oha --no-tui -z 2s -c 8 "${auth[@]}" -m POST -H 'Content-Type: application/json' \
     -Z "$bench_work/bodies.jsonl" "$target/api/maestra/core" >/dev/null
 done
-fixed_direct=$(direct "direct@${RATE}/s" -q "$RATE" -c 16 --latency-correction); echo "$fixed_direct"
-fixed_maestra=$(through "maestra@${RATE}/s" -q "$RATE" -c 16 --latency-correction); echo "$fixed_maestra"
+# At the fixed rate, ROUNDS alternating pairs (direct, then through maestra): a p99 from one
+# 10 s run moves by a millisecond or more with the machine's weather. Every round is printed;
+# the round with the median overhead is the one reported.
+rounds=()
+for round in $(seq "$ROUNDS"); do
+  d=$(direct "direct@${RATE}/s #$round" -q "$RATE" -c 16 --latency-correction); echo "$d"
+  m=$(through "maestra@${RATE}/s #$round" -q "$RATE" -c 16 --latency-correction); echo "$m"
+  rounds+=("$(awk -v d="$(col 4 "$d")" -v m="$(col 4 "$m")" 'BEGIN { printf "%.3f", m - d }')|$d|$m")
+done
+median=$(printf '%s\n' "${rounds[@]}" | sort -t'|' -k1,1g | sed -n "$(((ROUNDS + 1) / 2))p")
+fixed_direct=$(cut -d'|' -f2 <<<"$median")
+fixed_maestra=$(cut -d'|' -f3 <<<"$median")
+echo "p99 overhead by round: $(printf '%s\n' "${rounds[@]}" | cut -d'|' -f1 | paste -sd' ') ms; median: round $(cut -f1 <<<"$fixed_maestra" | sed 's/.*#//')"
 offline "offline@${RATE}/s" -q "$RATE" -c 16 --latency-correction
 if [ "$MODE" = local ]; then
   # The disk alone doing the same durable work at the same rate: the floor under the overhead.
