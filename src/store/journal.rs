@@ -445,8 +445,19 @@ impl Journal {
         if let Some(checkpointer) = lock(&self.checkpointer).take() {
             let _ = checkpointer.join();
         }
-        if lock(&self.shared.state).failure.is_some() {
-            return; // left as it is, to be applied at the next start
+        let handed_over = {
+            let mut state = lock(&self.shared.state);
+            if state.failure.is_some() {
+                return; // left as it is, to be applied at the next start
+            }
+            // A segment filled while the checkpointer was stopping.
+            state.checkpoint.take()
+        };
+        if let Some((segment, touched)) = handed_over
+            && let Err(e) = (self.shared.flush_files)(&touched).and_then(|()| self.shared.erase(segment))
+        {
+            tracing::warn!(error = %e, "journal left to be applied at the next start");
+            return;
         }
         let mut writer = lock(&self.shared.writer);
         writer.closed = true;
