@@ -194,9 +194,10 @@ print(f"{len(lat) / elapsed:.0f} {lat[len(lat) // 2] * 1e3:.3f} {lat[int(len(lat
 PY
 }
 
-# durable_floor RATE SECONDS: the durable work of local-mode core requests and nothing else, at
-# a fixed rate: RATE "requests" per second spread over 16 writers (oha's -c 16) and 64 files,
-# each appending a line with fdatasync, then a second one (the user's message, then the reply).
+# durable_floor RATE SECONDS: the durable work of local-mode core requests and nothing else, done
+# the naive way (each request flushing its own file; the store before its journal), at a fixed
+# rate: RATE "requests" per second spread over 16 writers (oha's -c 16) and 64 files, each
+# appending a line with fdatasync, then a second one (the user's message, then the reply).
 # Latency counts from the scheduled start, as oha's --latency-correction does. Prints p50 p99
 # in ms: what the disk alone makes of two sequential flushes when others flush at the same time.
 durable_floor() {
