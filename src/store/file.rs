@@ -749,6 +749,16 @@ mod tests {
         }
     }
 
+    /// A temporary data folder (removed when dropped) and its store's two folders.
+    fn folders() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let data = tempfile::tempdir().unwrap();
+        let (conversations, journal) = (
+            data.path().join("conversations"),
+            data.path().join("journal"),
+        );
+        (data, conversations, journal)
+    }
+
     async fn contents(store: &FileStore, conversation: &str) -> Vec<(i64, String)> {
         match store.messages(&owner(), &id(conversation), 0, 1000).await {
             Ok(messages) => messages.into_iter().map(|m| (m.seq, m.content)).collect(),
@@ -759,11 +769,7 @@ mod tests {
 
     #[tokio::test]
     async fn after_a_crash_the_journal_restores_writes_the_files_lost_and_redoes_removals() {
-        let data = tempfile::tempdir().unwrap();
-        let (conversations, journal) = (
-            data.path().join("conversations"),
-            data.path().join("journal"),
-        );
+        let (_data, conversations, journal) = folders();
         let store = FileStore::open(&conversations, &journal, 20).unwrap();
         let ana = owner();
         store.append(&ana, &id("conv_a"), say("a1")).await.unwrap();
@@ -808,11 +814,7 @@ mod tests {
 
     #[tokio::test]
     async fn appends_go_on_across_many_checkpoints() {
-        let data = tempfile::tempdir().unwrap();
-        let (conversations, journal) = (
-            data.path().join("conversations"),
-            data.path().join("journal"),
-        );
+        let (_data, conversations, journal) = folders();
         // Segments of 8 KiB: a checkpoint every dozen appends or so.
         let store = FileStore::open_with_segments(&conversations, &journal, 20, 8192).unwrap();
         let store = Arc::new(store);
@@ -852,11 +854,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_message_larger_than_a_journal_segment_is_flushed_in_its_file() {
-        let data = tempfile::tempdir().unwrap();
-        let (conversations, journal) = (
-            data.path().join("conversations"),
-            data.path().join("journal"),
-        );
+        let (_data, conversations, journal) = folders();
         let store = FileStore::open_with_segments(&conversations, &journal, 20, 8192).unwrap();
         let large = "y".repeat(20_000);
         store

@@ -454,7 +454,8 @@ impl Journal {
             state.checkpoint.take()
         };
         if let Some((segment, touched)) = handed_over
-            && let Err(e) = (self.shared.flush_files)(&touched).and_then(|()| self.shared.erase(segment))
+            && let Err(e) =
+                (self.shared.flush_files)(&touched).and_then(|()| self.shared.erase(segment))
         {
             tracing::warn!(error = %e, "journal left to be applied at the next start");
             return;
@@ -618,6 +619,11 @@ mod tests {
         Arc::new(|_: &HashSet<String>| Ok(()))
     }
 
+    /// A journal in `dir`, after applying (here: ignoring) what an earlier run left.
+    fn start(dir: &Path, segment_bytes: u64, flush_files: Arc<FlushFiles>) -> Journal {
+        Journal::start(dir, segment_bytes, &recover(dir).unwrap(), flush_files).unwrap()
+    }
+
     fn crash(journal: Journal) {
         journal.abandon();
         drop(journal);
@@ -644,13 +650,7 @@ mod tests {
     #[test]
     fn after_a_crash_every_committed_entry_comes_back_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::start(
-            dir.path(),
-            1 << 16,
-            &recover(dir.path()).unwrap(),
-            no_files(),
-        )
-        .unwrap();
+        let journal = start(dir.path(), 1 << 16, no_files());
         let mut expected = Vec::new();
         for i in 0..50 {
             let entry = write(&format!("conv_{}", i % 3), i * 10, "0123456789");
@@ -670,8 +670,7 @@ mod tests {
             seen.lock().unwrap().extend(touched.iter().cloned());
             Ok(())
         });
-        let journal =
-            Journal::start(dir.path(), 1 << 16, &recover(dir.path()).unwrap(), flush).unwrap();
+        let journal = start(dir.path(), 1 << 16, flush);
         journal.commit(write("conv_a", 0, "line\n")).unwrap();
         drop(journal);
         assert_eq!(*flushed.lock().unwrap(), ["conv_a"]);
@@ -698,8 +697,7 @@ mod tests {
             Ok(())
         });
         let segment = HEADER_LEN * 2;
-        let journal =
-            Journal::start(dir.path(), segment, &recover(dir.path()).unwrap(), flush).unwrap();
+        let journal = start(dir.path(), segment, flush);
         let line = "x".repeat(500);
         let mut committed = Vec::new();
         for i in 0..100 {
@@ -722,13 +720,7 @@ mod tests {
     #[test]
     fn a_torn_or_damaged_record_ends_the_segment() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::start(
-            dir.path(),
-            1 << 16,
-            &recover(dir.path()).unwrap(),
-            no_files(),
-        )
-        .unwrap();
+        let journal = start(dir.path(), 1 << 16, no_files());
         for i in 0..3 {
             journal.commit(write("conv_a", i, "abc")).unwrap();
         }
@@ -748,13 +740,7 @@ mod tests {
     #[test]
     fn an_entry_larger_than_a_segment_is_not_accepted() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::start(
-            dir.path(),
-            1 << 16,
-            &recover(dir.path()).unwrap(),
-            no_files(),
-        )
-        .unwrap();
+        let journal = start(dir.path(), 1 << 16, no_files());
         assert!(journal.accepts(&write("conv_a", 0, &"x".repeat(1000))));
         assert!(!journal.accepts(&write("conv_a", 0, &"x".repeat(1 << 16))));
     }
@@ -764,13 +750,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let flush: Arc<FlushFiles> =
             Arc::new(|_: &HashSet<String>| Err(io::Error::other("disk gone")));
-        let journal = Journal::start(
-            dir.path(),
-            HEADER_LEN * 2,
-            &recover(dir.path()).unwrap(),
-            flush,
-        )
-        .unwrap();
+        let journal = start(dir.path(), HEADER_LEN * 2, flush);
         let line = "x".repeat(1000);
         let failed = (0..20).find_map(|i| journal.commit(write("conv_a", i, &line)).err());
         let failure = failed

@@ -140,14 +140,19 @@ async fn assert_all_kept(base: &str, key: Option<&str>, acknowledged: &[(String,
     }
 }
 
-#[tokio::test]
-async fn local_sigkill_under_load_loses_no_acknowledged_message() {
-    let data = tempfile::tempdir().unwrap();
-    let mut server = ServerProcess::start(data.path(), &[]).await;
+/// A local server on `data` killed with SIGKILL under load; the messages it acknowledged.
+async fn local_crash_under_load(data: &std::path::Path) -> Vec<(String, String)> {
+    let mut server = ServerProcess::start(data, &[]).await;
     let load = Load::start(&server.url(""), None, false);
     load.until_acknowledged(200).await;
     server.kill_hard();
-    let (acknowledged, _) = load.finish().await;
+    load.finish().await.0
+}
+
+#[tokio::test]
+async fn local_sigkill_under_load_loses_no_acknowledged_message() {
+    let data = tempfile::tempdir().unwrap();
+    let acknowledged = local_crash_under_load(data.path()).await;
 
     let server = ServerProcess::start(data.path(), &[]).await;
     assert_all_kept(&server.url(""), None, &acknowledged).await;
@@ -170,11 +175,7 @@ async fn local_sigkill_under_load_loses_no_acknowledged_message() {
 #[tokio::test]
 async fn local_crash_that_also_loses_unflushed_file_writes_loses_no_acknowledged_message() {
     let data = tempfile::tempdir().unwrap();
-    let mut server = ServerProcess::start(data.path(), &[]).await;
-    let load = Load::start(&server.url(""), None, false);
-    load.until_acknowledged(200).await;
-    server.kill_hard();
-    let (acknowledged, _) = load.finish().await;
+    let acknowledged = local_crash_under_load(data.path()).await;
 
     // The conversation files are never flushed on their own while the journal still holds
     // their writes (a few hundred turns are far from filling a segment): after a power cut
