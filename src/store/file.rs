@@ -112,6 +112,10 @@ impl FileStore {
         let dir = dir.into();
         create_private_dir(&dir)?;
         create_private_dir(journal_dir)?;
+        // Their entries in the data folder, made durable once (they may have just been made).
+        for parent in [dir.parent(), journal_dir.parent()].into_iter().flatten() {
+            sync_dir(parent)?;
+        }
         let recovered = journal::recover(journal_dir)
             .with_context(|| format!("cannot read the journal in {}", journal_dir.display()))?;
         apply_recovered(&dir, &recovered.entries)
@@ -248,8 +252,8 @@ impl Inner {
         file_path(&self.dir, conversation.as_str())
     }
 
-    /// Appends `bytes` at `offset`, the end of the conversation's file, and makes them durable:
-    /// through the journal, or, for a record too large for it, by flushing the file itself.
+    /// Appends `bytes` at `offset`, the end of the conversation's file, and makes them durable
+    /// through the journal (a write too large for one journal entry goes in pieces).
     fn write_durably(
         &self,
         conversation: &ConversationId,
@@ -258,17 +262,22 @@ impl Inner {
         bytes: Vec<u8>,
     ) -> io::Result<()> {
         file.write_all(&bytes)?;
-        let entry = Entry::Write {
-            conversation: conversation.as_str().to_owned(),
-            offset,
-            bytes,
-        };
-        if self.journal.accepts(&entry) {
-            return self.journal.commit(entry);
+        let piece = self.journal.max_write(conversation.as_str());
+        if bytes.len() <= piece {
+            return self.journal.commit(Entry::Write {
+                conversation: conversation.as_str().to_owned(),
+                offset,
+                bytes,
+            });
         }
-        file.sync_data()?;
-        if offset == 0 {
-            sync_dir(&self.dir)?;
+        let mut at = 0;
+        for chunk in bytes.chunks(piece) {
+            self.journal.commit(Entry::Write {
+                conversation: conversation.as_str().to_owned(),
+                offset: offset + at,
+                bytes: chunk.to_vec(),
+            })?;
+            at += chunk.len() as u64;
         }
         Ok(())
     }
@@ -480,6 +489,9 @@ impl Inner {
                 conversation: conversation.as_str().to_owned(),
             })?;
             fs::remove_file(self.path(conversation))?;
+            // A checkpoint may have passed between the entry and the removal: then only this
+            // makes the removal durable.
+            sync_dir(&self.dir)?;
             *slot = None;
             Ok(())
         })?;
@@ -853,21 +865,29 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_message_larger_than_a_journal_segment_is_flushed_in_its_file() {
+    async fn a_message_larger_than_a_journal_segment_is_journaled_in_pieces() {
         let (_data, conversations, journal) = folders();
         let store = FileStore::open_with_segments(&conversations, &journal, 20, 8192).unwrap();
+        let ana = owner();
+        // Journaled, then removed: applying the journal again must not mix the two.
+        store
+            .append(&ana, &id("conv_big"), say("old"))
+            .await
+            .unwrap();
+        store.delete(&ana, &id("conv_big")).await.unwrap();
         let large = "y".repeat(20_000);
         store
-            .append(&owner(), &id("conv_big"), say(&large))
+            .append(&ana, &id("conv_big"), say(&large))
             .await
             .unwrap();
         store
-            .append(&owner(), &id("conv_big"), say("small"))
+            .append(&ana, &id("conv_big"), say("small"))
             .await
             .unwrap();
         store.inner.journal.abandon();
         drop(store);
 
+        // What the journal still holds is applied again over the files as they are.
         let store = FileStore::open(&conversations, &journal, 20).unwrap();
         assert_eq!(
             contents(&store, "conv_big").await,

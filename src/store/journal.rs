@@ -135,7 +135,10 @@ struct State {
     flushing: bool,
     /// Set once, by a failed write or flush; everything fails after it.
     failure: Option<String>,
+    /// Set by `close`: no new commit, no new flush.
     stopping: bool,
+    /// Set by `close` once no flush is under way: the checkpointer may exit.
+    checkpointer_done: bool,
     /// A full segment waiting to be checkpointed, with the conversations it touched.
     checkpoint: Option<(usize, HashSet<String>)>,
     /// Which segments hold nothing a crash would need (so may be overwritten).
@@ -174,13 +177,16 @@ pub struct Recovered {
     pub entries: Vec<Entry>,
     /// The highest generation seen; a new run counts on from it.
     last_generation: u64,
+    /// Each segment's generation, where its header could be read.
+    generations: [Option<u64>; SEGMENTS],
 }
 
 /// Reads what the journal in `dir` holds (nothing if it has no segments yet).
 pub fn recover(dir: &Path) -> io::Result<Recovered> {
     let mut live = Vec::new();
     let mut last_generation = 0;
-    for index in 0..SEGMENTS {
+    let mut generations = [None; SEGMENTS];
+    for (index, generation) in generations.iter_mut().enumerate() {
         let bytes = match std::fs::read(segment_path(dir, index)) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -190,6 +196,7 @@ pub fn recover(dir: &Path) -> io::Result<Recovered> {
             continue; // never written, or torn while being replaced: nothing acknowledged in it
         };
         last_generation = last_generation.max(header.generation);
+        *generation = Some(header.generation);
         if header.live {
             live.push((header.generation, read_records(&bytes, header.generation)));
         }
@@ -198,6 +205,7 @@ pub fn recover(dir: &Path) -> io::Result<Recovered> {
     Ok(Recovered {
         entries: live.into_iter().flat_map(|(_, entries)| entries).collect(),
         last_generation,
+        generations,
     })
 }
 
@@ -310,16 +318,26 @@ impl Journal {
         flush_files: Arc<FlushFiles>,
     ) -> io::Result<Journal> {
         let segment_bytes = segment_bytes.max(HEADER_LEN * 2);
-        let segments = [
-            open_segment(dir, 0, segment_bytes)?,
-            open_segment(dir, 1, segment_bytes)?,
-        ];
         let generation = recovered.last_generation + 1;
-        Header {
-            generation,
-            live: false,
+        // Erased (or resized) oldest first: should this stop half-way, what is still live is a
+        // newer segment alone, which is safe to apply again; an older one alone is not (a
+        // removal it was followed by would be missing).
+        let mut order = [0, 1];
+        order.sort_by_key(|&index| recovered.generations[index].unwrap_or(0));
+        let mut opened: [Option<File>; SEGMENTS] = [None, None];
+        for index in order {
+            let segment = open_segment(dir, index, segment_bytes)?;
+            Header {
+                generation,
+                live: false,
+            }
+            .write(&segment)?;
+            opened[index] = Some(segment);
         }
-        .write(&segments[1])?;
+        let [Some(first), Some(second)] = opened else {
+            return Err(io::Error::other("a journal segment was not opened"));
+        };
+        let segments = [first, second];
         Header {
             generation,
             live: true,
@@ -358,9 +376,20 @@ impl Journal {
         })
     }
 
-    /// Whether `entry` fits in a segment; a larger one must be made durable another way.
-    pub fn accepts(&self, entry: &Entry) -> bool {
+    /// Whether `entry` fits in a segment.
+    fn accepts(&self, entry: &Entry) -> bool {
         FRAME_LEN + entry.encoded_len() <= self.capacity
+    }
+
+    /// The most bytes one `Write` entry for `conversation` may carry: a longer write is
+    /// committed in pieces.
+    pub fn max_write(&self, conversation: &str) -> usize {
+        let empty = Entry::Write {
+            conversation: conversation.to_owned(),
+            offset: 0,
+            bytes: Vec::new(),
+        };
+        self.capacity - FRAME_LEN - empty.encoded_len()
     }
 
     /// Adds `entry` and waits until it is durable. Fails for good once a write or flush of the
@@ -385,29 +414,31 @@ impl Journal {
         state.submitted += 1;
         let ticket = state.submitted;
         loop {
-            if let Some(failure) = &state.failure {
-                return Err(io::Error::other(failure.clone()));
-            }
+            // Durable first: an entry flushed before a failure was still made durable.
             if state.durable >= ticket {
                 return Ok(());
+            }
+            if let Some(failure) = &state.failure {
+                return Err(io::Error::other(failure.clone()));
             }
             if state.flushing {
                 state = wait(&shared.progress, state);
                 continue;
             }
+            if state.stopping {
+                return Err(io::Error::other("the store is closed"));
+            }
             state.flushing = true;
             let batch = mem::take(&mut state.pending);
-            let upto = state.submitted;
+            let first = state.submitted - batch.len() as u64;
             drop(state);
-            let written = lock(&shared.writer).write(shared, &batch);
+            let (flushed, written) = lock(&shared.writer).write(shared, &batch);
             state = lock(&shared.state);
             state.flushing = false;
-            match written {
-                Ok(()) => state.durable = upto,
-                Err(e) => {
-                    tracing::error!(error = %e, "the store's journal cannot be written");
-                    state.failure = Some(format!("the store's journal cannot be written: {e}"));
-                }
+            state.durable = first + flushed as u64;
+            if let Err(e) = written {
+                tracing::error!(error = %e, "the store's journal cannot be written");
+                state.failure = Some(format!("the store's journal cannot be written: {e}"));
             }
             shared.progress.notify_all();
         }
@@ -436,11 +467,12 @@ impl Journal {
                 return;
             }
             state.stopping = true;
-            self.shared.to_checkpoint.notify_all();
-            // A flush under way finishes first.
+            // A flush under way finishes first (it may need the checkpointer to switch).
             while state.flushing {
                 state = wait(&self.shared.progress, state);
             }
+            state.checkpointer_done = true;
+            self.shared.to_checkpoint.notify_all();
         }
         if let Some(checkpointer) = lock(&self.checkpointer).take() {
             let _ = checkpointer.join();
@@ -483,22 +515,33 @@ impl Drop for Journal {
 
 impl Writer {
     /// Writes a batch at the end of the active segment (going on in the other one when it is
-    /// full) and flushes it.
-    fn write(&mut self, shared: &Shared, batch: &[Entry]) -> io::Result<()> {
+    /// full) and flushes it. Says how many of its entries (from the first) are durable, which
+    /// is fewer than all only with an error.
+    fn write(&mut self, shared: &Shared, batch: &[Entry]) -> (usize, io::Result<()>) {
         if self.closed {
-            return Err(io::Error::other("the store is closed"));
+            return (0, Err(io::Error::other("the store is closed")));
         }
         self.buffer.clear();
+        let (mut framed, mut flushed) = (0, 0);
         for entry in batch {
             let len = FRAME_LEN + entry.encoded_len();
             if self.position + (self.buffer.len() + len) as u64 > self.segment_bytes {
-                self.flush(shared)?;
-                self.switch(shared)?;
+                if let Err(e) = self.flush(shared) {
+                    return (flushed, Err(e));
+                }
+                flushed = framed;
+                if let Err(e) = self.switch(shared) {
+                    return (flushed, Err(e));
+                }
             }
             self.frame(entry);
+            framed += 1;
             self.touched.insert(entry.conversation().to_owned());
         }
-        self.flush(shared)
+        match self.flush(shared) {
+            Ok(()) => (framed, Ok(())),
+            Err(e) => (flushed, Err(e)),
+        }
     }
 
     fn frame(&mut self, entry: &Entry) {
@@ -566,7 +609,7 @@ impl Shared {
         loop {
             let (segment, touched) = {
                 let mut state = lock(&self.state);
-                while state.checkpoint.is_none() && !state.stopping {
+                while state.checkpoint.is_none() && !state.checkpointer_done {
                     state = wait(&self.to_checkpoint, state);
                 }
                 match state.checkpoint.take() {
@@ -738,11 +781,15 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_larger_than_a_segment_is_not_accepted() {
+    fn an_entry_larger_than_a_segment_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let journal = start(dir.path(), 1 << 16, no_files());
-        assert!(journal.accepts(&write("conv_a", 0, &"x".repeat(1000))));
-        assert!(!journal.accepts(&write("conv_a", 0, &"x".repeat(1 << 16))));
+        let most = journal.max_write("conv_a");
+        journal
+            .commit(write("conv_a", 0, &"x".repeat(most)))
+            .unwrap();
+        let refused = journal.commit(write("conv_a", 0, &"x".repeat(most + 1)));
+        assert_eq!(refused.unwrap_err().kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]
@@ -759,5 +806,39 @@ mod tests {
         assert!(failure.contains("disk gone"), "{failure}");
         assert!(journal.failure().is_some());
         assert!(journal.commit(write("conv_a", 0, "y")).is_err());
+    }
+
+    #[test]
+    fn closing_while_appends_go_on_finishes_and_leaves_nothing_to_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Arc::new(start(dir.path(), HEADER_LEN * 2, no_files()));
+        let appenders: Vec<_> = (0..4)
+            .map(|a| {
+                let journal = Arc::clone(&journal);
+                thread::spawn(move || {
+                    let line = "x".repeat(300);
+                    (0..)
+                        .take_while(|i| {
+                            journal
+                                .commit(write("conv_a", a * 1_000_000 + i, &line))
+                                .is_ok()
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        thread::sleep(std::time::Duration::from_millis(50));
+        let (closed, done) = std::sync::mpsc::channel();
+        let closer = Arc::clone(&journal);
+        thread::spawn(move || {
+            closer.close();
+            let _ = closed.send(());
+        });
+        done.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("close finishes while appends go on");
+        let committed: usize = appenders.into_iter().map(|a| a.join().unwrap()).sum();
+        assert!(committed > 0);
+        assert!(journal.commit(write("conv_a", 0, "late")).is_err());
+        assert!(recover(dir.path()).unwrap().entries.is_empty());
     }
 }
