@@ -58,11 +58,16 @@ impl Entry {
         }
     }
 
+    /// Kind, id length, id: what every entry starts with.
+    fn head_len(conversation: &str) -> usize {
+        2 + conversation.len()
+    }
+
     fn encoded_len(&self) -> usize {
-        let fixed = 2 + self.conversation().len();
+        let head = Self::head_len(self.conversation());
         match self {
-            Entry::Write { bytes, .. } => fixed + 8 + bytes.len(),
-            Entry::Delete { .. } => fixed,
+            Entry::Write { bytes, .. } => head + 8 + bytes.len(),
+            Entry::Delete { .. } => head,
         }
     }
 
@@ -384,12 +389,7 @@ impl Journal {
     /// The most bytes one `Write` entry for `conversation` may carry: a longer write is
     /// committed in pieces.
     pub fn max_write(&self, conversation: &str) -> usize {
-        let empty = Entry::Write {
-            conversation: conversation.to_owned(),
-            offset: 0,
-            bytes: Vec::new(),
-        };
-        self.capacity - FRAME_LEN - empty.encoded_len()
+        self.capacity - FRAME_LEN - Entry::head_len(conversation) - 8
     }
 
     /// Adds `entry` and waits until it is durable. Fails for good once a write or flush of the
