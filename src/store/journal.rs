@@ -536,7 +536,9 @@ impl Writer {
             }
             self.frame(entry);
             framed += 1;
-            self.touched.insert(entry.conversation().to_owned());
+            if !self.touched.contains(entry.conversation()) {
+                self.touched.insert(entry.conversation().to_owned());
+            }
         }
         match self.flush(shared) {
             Ok(()) => (framed, Ok(())),
