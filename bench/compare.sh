@@ -18,10 +18,7 @@ bench_setup
 RATE=${RATE:-500}
 ROUNDS=${ROUNDS:-3}
 
-"$BENCH_ROOT/target/release/examples/fake_provider" 0 1 >"$bench_work/fake.port" &
-bench_pids+=($!)
-for _ in $(seq 100); do [ -s "$bench_work/fake.port" ] && break; sleep 0.1; done
-provider="http://127.0.0.1:$(head -1 "$bench_work/fake.port")"
+start_fake_provider
 
 names=(old new)
 urls=()

@@ -97,6 +97,17 @@ start_cloud() {
   bench_wait_http "$server_url/health/ready"
 }
 
+# start_fake_provider: the fast fake OpenAI-compatible provider (examples/fake_provider.rs), one
+# worker; sets provider (its base URL).
+start_fake_provider() {
+  "$BENCH_ROOT/target/release/examples/fake_provider" 0 1 >"$bench_work/fake.port" &
+  bench_pids+=($!)
+  local _
+  for _ in $(seq 100); do [ -s "$bench_work/fake.port" ] && break; sleep 0.1; done
+  # shellcheck disable=SC2034 # read by the scripts that source this file
+  provider="http://127.0.0.1:$(head -1 "$bench_work/fake.port")"
+}
+
 # start_hello: the actix-web hello world (examples/hello.rs); sets server_pid and server_url.
 start_hello() {
   "$BENCH_ROOT/target/release/examples/hello" 0 >"$bench_work/hello.port" &
