@@ -180,16 +180,14 @@ fn segment_path(dir: &Path, index: usize) -> PathBuf {
 pub struct Recovered {
     /// The live segments' entries, oldest first: to be applied again.
     pub entries: Vec<Entry>,
-    /// The highest generation seen; a new run counts on from it.
-    last_generation: u64,
-    /// Each segment's generation, where its header could be read.
+    /// Each segment's generation, where its header could be read; a new run counts on from
+    /// the highest.
     generations: [Option<u64>; SEGMENTS],
 }
 
 /// Reads what the journal in `dir` holds (nothing if it has no segments yet).
 pub fn recover(dir: &Path) -> io::Result<Recovered> {
     let mut live = Vec::new();
-    let mut last_generation = 0;
     let mut generations = [None; SEGMENTS];
     for (index, generation) in generations.iter_mut().enumerate() {
         let bytes = match std::fs::read(segment_path(dir, index)) {
@@ -200,7 +198,6 @@ pub fn recover(dir: &Path) -> io::Result<Recovered> {
         let Some(header) = Header::decode(&bytes) else {
             continue; // never written, or torn while being replaced: nothing acknowledged in it
         };
-        last_generation = last_generation.max(header.generation);
         *generation = Some(header.generation);
         if header.live {
             live.push((header.generation, read_records(&bytes, header.generation)));
@@ -209,7 +206,6 @@ pub fn recover(dir: &Path) -> io::Result<Recovered> {
     live.sort_by_key(|(generation, _)| *generation);
     Ok(Recovered {
         entries: live.into_iter().flat_map(|(_, entries)| entries).collect(),
-        last_generation,
         generations,
     })
 }
@@ -323,7 +319,7 @@ impl Journal {
         flush_files: Arc<FlushFiles>,
     ) -> io::Result<Journal> {
         let segment_bytes = segment_bytes.max(HEADER_LEN * 2);
-        let generation = recovered.last_generation + 1;
+        let generation = recovered.generations.iter().flatten().max().unwrap_or(&0) + 1;
         // Erased (or resized) oldest first: should this stop half-way, what is still live is a
         // newer segment alone, which is safe to apply again; an older one alone is not (a
         // removal it was followed by would be missing).
