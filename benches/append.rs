@@ -13,6 +13,7 @@ const ROUNDS: usize = 300;
 
 fn message(i: usize) -> NewMessage {
     NewMessage {
+        id: None,
         role: if i.is_multiple_of(2) {
             Role::User
         } else {

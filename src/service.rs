@@ -7,9 +7,10 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use tracing::Instrument;
 
-use serde::{Deserialize, Serialize};
-
-use crate::domain::{ConversationId, Message, MessageText, NewMessage, SurfaceId, Usage, UserId};
+use crate::domain::{
+    ConversationId, Message, MessageText, NewMessage, SurfaceId, TurnOutcome, Usage, UserId,
+    conversation_order,
+};
 use crate::idempotency::{Begin, IdempotencyKey, IdempotencyStore};
 use crate::metrics::Metrics;
 use crate::responder::{Deltas, Prompt, Reply, Responder, ResponderError};
@@ -32,20 +33,6 @@ pub struct Turn {
     pub api_key_id: Option<String>,
     /// The client's `Idempotency-Key`, if it sent one.
     pub idempotency: Option<IdempotencyKey>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TurnOutcome {
-    pub reply: String,
-    pub conversation_id: ConversationId,
-    pub message_id: String,
-    pub seq: i64,
-    pub surface_id: SurfaceId,
-    pub model: String,
-    pub usage: Usage,
-    pub created_at: DateTime<Utc>,
-    /// Time spent waiting for the responder (the model provider), in milliseconds.
-    pub provider_ms: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,9 +171,11 @@ impl ConversationService {
         result
     }
 
-    /// The turn itself. With an idempotency key, records when the user's message is stored;
-    /// when resuming, that message is already stored (conversation, seq) and only the reply
-    /// is still to come.
+    /// The turn itself. With an idempotency key, its messages get the ids the key derives
+    /// (the same on every server), and it records when the user's message is stored; when
+    /// resuming, that message is already stored (conversation, seq) and only the reply is
+    /// still to come. A reply already stored under the derived id (answered elsewhere, and
+    /// synced here) is the answer: the model is not asked again.
     async fn run_once(
         &self,
         turn: Turn,
@@ -195,24 +184,48 @@ impl ConversationService {
     ) -> Result<TurnOutcome, TurnError> {
         let started = Instant::now();
         let (key, resume) = idempotency.map_or((None, None), |(k, r)| (Some(k), r));
+        let ids = key.map(IdempotencyKey::derived_ids);
         let (conversation_id, user_seq) = match resume {
             Some(resumed) => resumed,
             None => {
-                let conversation_id = turn
-                    .conversation_id
-                    .unwrap_or_else(ConversationId::generate);
+                let conversation_id = match (turn.conversation_id, &ids) {
+                    (Some(id), _) => id,
+                    (None, Some(ids)) => ids.conversation_id.clone(),
+                    (None, None) => ConversationId::generate(),
+                };
                 let user_message = NewMessage::from_user(turn.surface_id.clone(), turn.message)
+                    .with_id(ids.as_ref().map(|ids| ids.user_message.clone()))
                     .written_by(turn.api_key_id.clone());
                 let stored = self
                     .store
-                    .append(&turn.owner, &conversation_id, user_message)
+                    .append_once(&turn.owner, &conversation_id, user_message)
                     .await?;
+                if let (true, Some(ids)) = (stored.existed, &ids)
+                    && let Some(reply) = self
+                        .store
+                        .find(&turn.owner, &conversation_id, &ids.reply)
+                        .await?
+                {
+                    if let Some(deltas) = &deltas {
+                        deltas.send(&reply.content);
+                    }
+                    return Ok(TurnOutcome::of_stored_reply(
+                        conversation_id,
+                        turn.surface_id,
+                        reply,
+                    ));
+                }
                 if let Some(key) = key {
                     self.idempotency
-                        .user_stored(&turn.owner.tenant, key, &conversation_id, stored.seq)
+                        .user_stored(
+                            &turn.owner.tenant,
+                            key,
+                            &conversation_id,
+                            stored.message.seq,
+                        )
                         .await?;
                 }
-                (conversation_id, stored.seq)
+                (conversation_id, stored.message.seq)
             }
         };
         tracing::Span::current().record("conversation.id", conversation_id.as_str());
@@ -221,6 +234,7 @@ impl ConversationService {
             .store
             .recent(&turn.owner, &conversation_id, self.history_messages)
             .await?;
+        conversation_order(&mut history);
         keep_within(&mut history, self.history_chars);
 
         let prompt = Prompt {
@@ -242,11 +256,21 @@ impl ConversationService {
             reply.model,
             reply.usage,
         )
+        .with_id(ids.map(|ids| ids.reply))
         .written_by(turn.api_key_id.clone());
-        let answer = self
+        let stored = self
             .store
-            .append(&turn.owner, &conversation_id, assistant)
+            .append_once(&turn.owner, &conversation_id, assistant)
             .await?;
+        if stored.existed {
+            // Synced here while the model was answering: that copy is the turn's reply.
+            return Ok(TurnOutcome::of_stored_reply(
+                conversation_id,
+                turn.surface_id,
+                stored.message,
+            ));
+        }
+        let answer = stored.message;
         let model = answer.model.clone().unwrap_or_default();
 
         if let Some(log) = &self.usage_log {
@@ -283,7 +307,8 @@ impl ConversationService {
         let started = Instant::now();
         let surface_id = SurfaceId::parse(ADVISOR_SURFACE)
             .map_err(|e| ResponderError::Provider(format!("internal: {e}")))?;
-        let history = [NewMessage::from_user(surface_id, question.text).into_message(1)];
+        let history =
+            [NewMessage::from_user(surface_id, question.text).into_message(1, Utc::now())];
         let prompt = Prompt {
             conversation_id: None,
             history: &history,
@@ -390,6 +415,7 @@ mod tests {
                 created_at: Utc::now(),
                 model: None,
                 usage: None,
+                origin: None,
             })
             .collect()
     }

@@ -7,7 +7,7 @@ use serde_json::json;
 use super::caller::Caller;
 use super::errors::ApiError;
 use super::{AppState, openapi, parse_number};
-use crate::domain::{ConversationId, UserId};
+use crate::domain::{ConversationId, UserId, conversation_order};
 use crate::store::Owner;
 
 const DEFAULT_CONVERSATIONS: usize = 20;
@@ -99,8 +99,11 @@ pub async fn get(
         .store()
         .messages(&owner, &conversation, after_seq, limit + 1)
         .await?;
+    // The store pages by seq (this server's arrival order, the cursor); the page is shown in
+    // the conversation's order, the same on every server.
     let next_after_seq = (messages.len() > limit).then(|| messages[limit - 1].seq);
     messages.truncate(limit);
+    conversation_order(&mut messages);
     Ok(HttpResponse::Ok().json(json!({
         "conversation_id": conversation,
         "user_id": owner.user_id,

@@ -18,11 +18,12 @@ use tracing::Instrument;
 use super::caller::Caller;
 use super::errors::ApiError;
 use super::{AppState, request_id};
+use crate::domain::TurnOutcome;
 use crate::domain::{ConversationId, MessageText, SurfaceId, Usage, UserId};
 use crate::idempotency::IdempotencyKey;
 use crate::metrics::Metrics;
 use crate::responder::Deltas;
-use crate::service::{Turn, TurnError, TurnOutcome};
+use crate::service::{Turn, TurnError};
 
 /// The backend's own time for a request: its duration minus the time spent waiting for the
 /// model provider, in milliseconds.

@@ -2,9 +2,14 @@
 
 mod ids;
 mod message;
+mod turn;
 
 pub use ids::{ConversationId, SurfaceId, TenantId, UserId};
-pub use message::{Message, MessageText, MessageTextError, NewMessage, Role, Usage, is_blank};
+pub use message::{
+    Message, MessageText, MessageTextError, NewMessage, Role, Usage, conversation_order, is_blank,
+    next_created_at, to_micros,
+};
+pub use turn::TurnOutcome;
 
 /// Why a piece of input was refused; `field` names it so the client knows what to fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

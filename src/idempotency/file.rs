@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Begin, IdempotencyKey, IdempotencyStore, LEASE, RETENTION};
 use crate::domain::ConversationId;
-use crate::service::TurnOutcome;
+use crate::domain::TurnOutcome;
 use crate::store::{StoreError, create_private_dir};
 
 #[derive(Clone)]

@@ -13,8 +13,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
+use crate::domain::TurnOutcome;
 use crate::domain::{ConversationId, InvalidInput};
-use crate::service::TurnOutcome;
 use crate::store::StoreError;
 
 pub use file::FileIdempotency;
@@ -57,6 +57,41 @@ impl IdempotencyKey {
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
     }
+
+    /// The ids this request's turn is stored under: derived from the key and the body, so
+    /// every server the request reaches (the local one, then the cloud on fallback) gives the
+    /// same ones, and sync finds one turn where two servers each stored it.
+    pub fn derived_ids(&self) -> DerivedIds {
+        let digest = |purpose: &str| {
+            let hash = Sha256::new()
+                .chain_update(purpose)
+                .chain_update([0])
+                .chain_update(&self.key)
+                .chain_update([0])
+                .chain_update(&self.fingerprint)
+                .finalize();
+            // 128 bits, as many as a UUID.
+            hash[..16]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        DerivedIds {
+            conversation_id: ConversationId::parse(&format!("conv_{}", digest("conversation")))
+                .unwrap_or_else(|_| ConversationId::generate()),
+            user_message: format!("msg_{}", digest("user")),
+            reply: format!("msg_{}", digest("reply")),
+        }
+    }
+}
+
+/// The ids of a turn made with an `Idempotency-Key` (see [`IdempotencyKey::derived_ids`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DerivedIds {
+    /// For a request that names no conversation.
+    pub conversation_id: ConversationId,
+    pub user_message: String,
+    pub reply: String,
 }
 
 /// What to do with a request that carries a key.
@@ -113,6 +148,21 @@ mod tests {
         let c = IdempotencyKey::parse("k1", &json!({"message": "ho", "user_id": "ana"})).unwrap();
         assert_eq!(a, b);
         assert_ne!(a.fingerprint(), c.fingerprint());
+    }
+
+    #[test]
+    fn a_key_and_body_derive_the_same_ids_everywhere_and_another_body_others() {
+        let body = json!({"message": "hi", "user_id": "ana"});
+        let a = IdempotencyKey::parse("k1", &body).unwrap().derived_ids();
+        let again = IdempotencyKey::parse("k1", &body).unwrap().derived_ids();
+        assert_eq!(a, again);
+        let other = IdempotencyKey::parse("k1", &json!({"message": "ho", "user_id": "ana"}))
+            .unwrap()
+            .derived_ids();
+        assert_ne!(a.user_message, other.user_message);
+        assert_ne!(a.user_message, a.reply);
+        assert!(a.conversation_id.as_str().starts_with("conv_"));
+        assert!(a.user_message.starts_with("msg_") && a.user_message.len() == 36);
     }
 
     #[test]

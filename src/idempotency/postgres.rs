@@ -7,7 +7,7 @@ use sqlx::{PgPool, Row};
 
 use super::{Begin, IdempotencyKey, IdempotencyStore, LEASE, RETENTION};
 use crate::domain::ConversationId;
-use crate::service::TurnOutcome;
+use crate::domain::TurnOutcome;
 use crate::store::StoreError;
 
 #[derive(Clone)]

@@ -96,6 +96,7 @@ mod tests {
             created_at: chrono::Utc::now(),
             model: None,
             usage: None,
+            origin: None,
         }
     }
 

@@ -10,9 +10,10 @@
 //! conversation has its own lock, so two surfaces writing at once are stored one after the other
 //! with distinct seqs.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::mem;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
@@ -22,9 +23,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::deletions::{Deletion, Deletions};
 use super::journal::{self, Entry, Journal};
-use super::{ConversationStore, ConversationSummary, Owner, StoreError};
-use crate::domain::{ConversationId, Message, NewMessage, UserId};
+use super::{Appended, ConversationStore, ConversationSummary, Owner, StoreError};
+use crate::domain::{ConversationId, Message, NewMessage, UserId, next_created_at};
 
 const FILE_EXTENSION: &str = "json";
 /// Open conversations kept in memory (each holds a file descriptor); idle ones beyond this are
@@ -42,6 +44,11 @@ struct Inner {
     keep_recent: usize,
     open: Mutex<HashMap<ConversationId, Arc<Mutex<Option<OpenConversation>>>>>,
     journal: Journal,
+    deletions: Deletions,
+    /// Conversations written here since sync last asked (see `FileStore::take_changed`).
+    changed: Mutex<HashSet<ConversationId>>,
+    /// Woken by every message written and every conversation deleted here.
+    change: tokio::sync::Notify,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,6 +57,31 @@ struct Header {
     tenant: String,
     user_id: UserId,
     created_at: DateTime<Utc>,
+    /// New each time the file is written from scratch (created, or rewritten by a deletion
+    /// that keeps later messages): a position in the file is only good for the same one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    incarnation: Option<String>,
+}
+
+/// How far sync has read a conversation's file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileCursor {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<String>,
+    pub bytes: u64,
+}
+
+/// What became of messages sync brought from elsewhere.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Stored as new messages.
+    pub added: usize,
+    /// Already here, the same.
+    pub duplicates: usize,
+    /// Already here under the same id but different: the copy brought wins.
+    pub replaced: usize,
+    /// Of a conversation deleted after they were written: not stored.
+    pub dropped: usize,
 }
 
 impl Header {
@@ -72,6 +104,11 @@ struct OpenConversation {
     /// Bytes of whole records; a failed write is cut back to this.
     len: u64,
     next_seq: i64,
+    /// Every message's seq, by id: a message stored again is found instead of stored twice.
+    ids: HashMap<String, i64>,
+    /// The newest message's time: the conversation's clock (see `next_created_at`).
+    last_created_at: Option<DateTime<Utc>>,
+    /// The newest messages in seq order (at most `keep_recent`).
     recent: VecDeque<Message>,
 }
 
@@ -128,20 +165,149 @@ impl FileStore {
             Arc::new(move |touched: &HashSet<String>| flush_files(&checkpoint_dir, touched)),
         )
         .with_context(|| format!("cannot start the journal in {}", journal_dir.display()))?;
-        Ok(Self {
+        let deletions = Deletions::open(&dir)
+            .with_context(|| format!("cannot read the deletions in {}", dir.display()))?;
+        let store = Self {
             inner: Arc::new(Inner {
                 dir,
                 keep_recent: keep_recent.max(1),
                 open: Mutex::new(HashMap::new()),
                 journal,
+                deletions,
+                changed: Mutex::new(HashSet::new()),
+                change: tokio::sync::Notify::new(),
             }),
-        })
+        };
+        // A crash between recording a deletion and carrying it out leaves it to redo.
+        for deletion in store.inner.deletions.all() {
+            store
+                .inner
+                .erase_until(&deletion)
+                .with_context(|| format!("cannot delete {}", deletion.conversation_id))?;
+        }
+        Ok(store)
     }
 
     /// A clean stop: flushes what the journal holds into the conversation files and erases it,
     /// so the next start has nothing to apply. Appends fail after it.
     pub fn close(&self) {
         self.inner.journal.close();
+    }
+
+    /// Sync's side of the store: what was written here, for the cloud.
+    ///
+    /// The conversations written here since the last call (cleared by it).
+    pub fn take_changed(&self) -> HashSet<ConversationId> {
+        mem::take(&mut lock(&self.inner.changed))
+    }
+
+    /// Wakes once something is written or deleted here.
+    pub async fn changed(&self) {
+        self.inner.change.notified().await;
+    }
+
+    /// Every conversation file and its length now.
+    pub fn conversation_files(&self) -> Result<Vec<(ConversationId, u64)>, StoreError> {
+        let mut files = Vec::new();
+        for entry in fs::read_dir(&self.inner.dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some(FILE_EXTENSION) {
+                continue;
+            }
+            let Some(id) = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| ConversationId::parse(s).ok())
+            else {
+                continue;
+            };
+            match entry.metadata() {
+                Ok(meta) => files.push((id, meta.len())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(files)
+    }
+
+    /// The owners of the conversations here.
+    pub fn owners(&self) -> Result<BTreeSet<UserId>, StoreError> {
+        let mut owners = BTreeSet::new();
+        for (id, _) in self.conversation_files()? {
+            if let Some(header) = read_header(&self.inner.path(&id))? {
+                owners.insert(header.user_id);
+            }
+        }
+        Ok(owners)
+    }
+
+    /// The messages written here (not brought by sync) in the conversation's file after
+    /// `from`, its owner, and where reading stopped. A cursor into another incarnation of the
+    /// file counts as the start. `None`: no such conversation.
+    pub fn written_here(
+        &self,
+        conversation: &ConversationId,
+        from: &FileCursor,
+    ) -> Result<Option<(UserId, Vec<Message>, FileCursor)>, StoreError> {
+        let inner = &self.inner;
+        let Some((header, len)) = inner.with_conversation(conversation, |slot| {
+            Ok(slot.as_ref().map(|open| (open.header.clone(), open.len)))
+        })?
+        else {
+            return Ok(None);
+        };
+        let start = if from.incarnation == header.incarnation && from.bytes <= len {
+            from.bytes
+        } else {
+            0
+        };
+        let mut messages = Vec::new();
+        let end = read_lines(&inner.path(conversation), start, len, |record| {
+            if let Record::Message(m) = record
+                && m.origin.is_none()
+            {
+                messages.push(m);
+            }
+        })?;
+        let cursor = FileCursor {
+            incarnation: header.incarnation.clone(),
+            bytes: end,
+        };
+        Ok(Some((header.user_id, messages, cursor)))
+    }
+
+    pub fn deletions(&self) -> &Deletions {
+        &self.inner.deletions
+    }
+
+    /// Adds messages written elsewhere (each with its id, time and origin) to the owner's
+    /// conversation, creating it if needed; see [`Applied`] for what happens to each.
+    pub async fn apply_remote(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        messages: Vec<Message>,
+    ) -> Result<Applied, StoreError> {
+        let (owner, conversation) = (owner.clone(), conversation.clone());
+        self.blocking(move |inner| inner.apply_remote(&owner, &conversation, messages))
+            .await
+    }
+
+    /// A deletion made elsewhere: recorded, then carried out here.
+    pub async fn apply_remote_deletion(&self, deletion: Deletion) -> Result<(), StoreError> {
+        self.blocking(move |inner| {
+            if inner
+                .deletions
+                .latest(&deletion.conversation_id)
+                .is_some_and(|known| known.deleted_at >= deletion.deleted_at)
+            {
+                return Ok(());
+            }
+            inner.deletions.record(deletion.clone())?;
+            inner.erase_until(&deletion)
+        })
+        .await
     }
 
     /// Runs blocking file work off the async executor.
@@ -159,14 +325,30 @@ impl FileStore {
 
 #[async_trait]
 impl ConversationStore for FileStore {
-    async fn append(
+    async fn append_once(
         &self,
         owner: &Owner,
         conversation: &ConversationId,
         message: NewMessage,
-    ) -> Result<Message, StoreError> {
+    ) -> Result<Appended, StoreError> {
         let (owner, conversation) = (owner.clone(), conversation.clone());
-        self.blocking(move |inner| inner.append(&owner, &conversation, message))
+        let appended = self
+            .blocking(move |inner| inner.append_once(&owner, &conversation, message))
+            .await?;
+        if !appended.existed {
+            self.inner.change.notify_one();
+        }
+        Ok(appended)
+    }
+
+    async fn find(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        id: &str,
+    ) -> Result<Option<Message>, StoreError> {
+        let (owner, conversation, id) = (owner.clone(), conversation.clone(), id.to_owned());
+        self.blocking(move |inner| inner.find(&owner, &conversation, &id))
             .await
     }
 
@@ -212,7 +394,9 @@ impl ConversationStore for FileStore {
     async fn delete(&self, owner: &Owner, conversation: &ConversationId) -> Result<(), StoreError> {
         let (owner, conversation) = (owner.clone(), conversation.clone());
         self.blocking(move |inner| inner.delete(&owner, &conversation))
-            .await
+            .await?;
+        self.inner.change.notify_one();
+        Ok(())
     }
 
     async fn check(&self) -> Result<(), StoreError> {
@@ -320,51 +504,94 @@ impl Inner {
         }
     }
 
-    fn append(
+    fn append_once(
         &self,
         owner: &Owner,
         conversation: &ConversationId,
         new: NewMessage,
-    ) -> Result<Message, StoreError> {
-        self.with_conversation(conversation, |slot| {
-            if slot.is_none() {
-                let (open, message) = self.create(owner, conversation, new)?;
-                *slot = Some(open);
-                return Ok(message);
+    ) -> Result<Appended, StoreError> {
+        let appended = self.with_conversation(conversation, |slot| {
+            let Some(open) = slot.as_mut() else {
+                let created_at = next_created_at(
+                    self.deletions
+                        .latest(conversation)
+                        .map(|deletion| deletion.deleted_at),
+                );
+                let message = new.into_message(1, created_at);
+                *slot = Some(self.create(owner, conversation, vec![message.clone()])?);
+                return Ok(Appended {
+                    message,
+                    existed: false,
+                });
+            };
+            if !open.header.is_owned_by(owner) {
+                return Err(StoreError::NotFound);
             }
-            let open = Self::owned(slot, owner)?;
-            let message = new.into_message(open.next_seq);
+            if let Some(id) = &new.id
+                && let Some(found) = self.stored(conversation, open, id)?
+            {
+                return Ok(Appended {
+                    message: found,
+                    existed: true,
+                });
+            }
+            let message = new.into_message(open.next_seq, next_created_at(open.last_created_at));
             let line = encode(&Record::Message(message.clone()))?;
-            let line_len = line.len() as u64;
-            if let Err(e) = self.write_durably(conversation, &mut open.file, open.len, line) {
-                // Cut a partial line so the next append starts clean; reload next time.
-                let _ = open.file.set_len(open.len);
-                *slot = None;
-                return Err(e.into());
+            self.append_lines(conversation, slot, line)?;
+            if let Some(open) = slot.as_mut() {
+                open.remember(message.clone(), self.keep_recent);
             }
-            open.len += line_len;
-            open.next_seq += 1;
-            open.remember(message.clone(), self.keep_recent);
-            Ok(message)
-        })
+            Ok(Appended {
+                message,
+                existed: false,
+            })
+        })?;
+        if !appended.existed {
+            lock(&self.changed).insert(conversation.clone());
+        }
+        Ok(appended)
     }
 
-    /// Writes a new conversation's header and first message in one durable step.
+    /// Appends whole lines at the end of the open conversation's file, durably. On failure the
+    /// partial write is cut off and the conversation is read again from disk next time.
+    fn append_lines(
+        &self,
+        conversation: &ConversationId,
+        slot: &mut Option<OpenConversation>,
+        lines: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let Some(open) = slot.as_mut() else {
+            return Err(StoreError::NotFound);
+        };
+        let added = lines.len() as u64;
+        if let Err(e) = self.write_durably(conversation, &mut open.file, open.len, lines) {
+            let _ = open.file.set_len(open.len);
+            *slot = None;
+            return Err(e.into());
+        }
+        open.len += added;
+        Ok(())
+    }
+
+    /// Writes a new conversation's header and first messages (seq 1, 2, ...) in one durable
+    /// step.
     fn create(
         &self,
         owner: &Owner,
         conversation: &ConversationId,
-        new: NewMessage,
-    ) -> Result<(OpenConversation, Message), StoreError> {
+        messages: Vec<Message>,
+    ) -> Result<OpenConversation, StoreError> {
         let header = Header {
             conversation_id: conversation.clone(),
             tenant: owner.tenant.clone(),
             user_id: owner.user_id.clone(),
             created_at: Utc::now(),
+            incarnation: Some(uuid::Uuid::now_v7().simple().to_string()),
         };
-        let message = new.into_message(1);
         let mut bytes = encode(&Record::Conversation(header.clone()))?;
-        bytes.extend(encode(&Record::Message(message.clone()))?);
+        for message in &messages {
+            bytes.extend(encode(&Record::Message(message.clone()))?);
+        }
 
         let path = self.path(conversation);
         let mut file = OpenOptions::new()
@@ -382,11 +609,203 @@ impl Inner {
             header,
             file,
             len,
-            next_seq: 2,
+            next_seq: 1,
+            ids: HashMap::new(),
+            last_created_at: None,
             recent: VecDeque::new(),
         };
-        open.remember(message.clone(), self.keep_recent);
-        Ok((open, message))
+        for message in messages {
+            open.remember(message, self.keep_recent);
+        }
+        Ok(open)
+    }
+
+    /// The stored copy of message `id`, if the open conversation holds it.
+    fn stored(
+        &self,
+        conversation: &ConversationId,
+        open: &OpenConversation,
+        id: &str,
+    ) -> Result<Option<Message>, StoreError> {
+        let Some(&seq) = open.ids.get(id) else {
+            return Ok(None);
+        };
+        if let Some(cached) = open.recent.iter().find(|m| m.seq == seq) {
+            return Ok(Some(cached.clone()));
+        }
+        let all = read_all(&self.path(conversation), open.len)?;
+        Ok(all.get(&seq).cloned())
+    }
+
+    fn find(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        id: &str,
+    ) -> Result<Option<Message>, StoreError> {
+        self.with_conversation(conversation, |slot| {
+            let open = Self::owned(slot, owner)?;
+            self.stored(conversation, open, id)
+        })
+    }
+
+    /// See [`FileStore::apply_remote`].
+    fn apply_remote(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        messages: Vec<Message>,
+    ) -> Result<Applied, StoreError> {
+        let mut applied = Applied::default();
+        let deleted_at = self
+            .deletions
+            .latest(conversation)
+            .filter(|deletion| deletion.user_id == owner.user_id)
+            .map(|deletion| deletion.deleted_at);
+        let mut incoming = Vec::with_capacity(messages.len());
+        for message in messages {
+            if deleted_at.is_some_and(|at| message.created_at <= at) {
+                applied.dropped += 1;
+            } else {
+                incoming.push(message);
+            }
+        }
+        if incoming.is_empty() {
+            return Ok(applied);
+        }
+        self.with_conversation(conversation, |slot| {
+            let Some(open) = slot.as_mut() else {
+                // Each id once, numbered in the order they came.
+                let mut seen = HashSet::new();
+                let mut fresh = Vec::with_capacity(incoming.len());
+                for message in incoming {
+                    if seen.insert(message.id.clone()) {
+                        fresh.push(message);
+                    } else {
+                        applied.duplicates += 1;
+                    }
+                }
+                for (i, message) in fresh.iter_mut().enumerate() {
+                    message.seq = i as i64 + 1;
+                }
+                applied.added = fresh.len();
+                *slot = Some(self.create(owner, conversation, fresh)?);
+                return Ok(());
+            };
+            if !open.header.is_owned_by(owner) {
+                return Err(StoreError::NotFound);
+            }
+            let mut lines = Vec::new();
+            let mut stored = Vec::with_capacity(incoming.len());
+            let mut next_seq = open.next_seq;
+            let mut batch_ids = HashMap::new();
+            for mut message in incoming {
+                let known = match batch_ids.get(&message.id) {
+                    Some(&seq) => Some(seq),
+                    None => open.ids.get(&message.id).copied(),
+                };
+                match known {
+                    Some(seq) => {
+                        let current = stored
+                            .iter()
+                            .rev()
+                            .find(|m: &&Message| m.seq == seq)
+                            .cloned()
+                            .map_or_else(
+                                || self.stored(conversation, open, &message.id),
+                                |m| Ok(Some(m)),
+                            )?;
+                        if current.is_some_and(|c| c.same_contents(&message)) {
+                            applied.duplicates += 1;
+                            continue;
+                        }
+                        // The same message, written differently elsewhere (a turn answered on
+                        // both sides while apart): the copy brought from the cloud wins.
+                        message.seq = seq;
+                        applied.replaced += 1;
+                    }
+                    None => {
+                        message.seq = next_seq;
+                        next_seq += 1;
+                        batch_ids.insert(message.id.clone(), message.seq);
+                        applied.added += 1;
+                    }
+                }
+                lines.extend(encode(&Record::Message(message.clone()))?);
+                stored.push(message);
+            }
+            if lines.is_empty() {
+                return Ok(());
+            }
+            self.append_lines(conversation, slot, lines)?;
+            if let Some(open) = slot.as_mut() {
+                for message in stored {
+                    open.remember(message, self.keep_recent);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(applied)
+    }
+
+    /// Carries out a deletion: the owner's messages in the conversation stamped up to its time
+    /// are erased; later ones (written after it, under the same id) stay.
+    fn erase_until(&self, deletion: &Deletion) -> Result<(), StoreError> {
+        let conversation = &deletion.conversation_id;
+        self.with_conversation(conversation, |slot| {
+            let Some(open) = slot.as_ref() else {
+                return Ok(());
+            };
+            if open.header.user_id != deletion.user_id {
+                return Ok(());
+            }
+            let all = read_all(&self.path(conversation), open.len)?;
+            let (gone, kept): (Vec<Message>, Vec<Message>) = all
+                .into_values()
+                .partition(|m| m.created_at <= deletion.deleted_at);
+            if gone.is_empty() {
+                return Ok(());
+            }
+            if kept.is_empty() {
+                self.remove(conversation)?;
+                *slot = None;
+                return Ok(());
+            }
+            // Rewritten in one journal entry: a crash leaves the old file or the new one.
+            let header = Header {
+                incarnation: Some(uuid::Uuid::now_v7().simple().to_string()),
+                ..open.header.clone()
+            };
+            let mut bytes = encode(&Record::Conversation(header))?;
+            for message in &kept {
+                bytes.extend(encode(&Record::Message(message.clone()))?);
+            }
+            if bytes.len() > self.journal.max_write(conversation.as_str()) {
+                return Err(StoreError::Other(anyhow!(
+                    "the messages left after deleting {conversation} are too large to rewrite"
+                )));
+            }
+            *slot = None;
+            self.journal.commit(Entry::Replace {
+                conversation: conversation.as_str().to_owned(),
+                bytes: bytes.clone(),
+            })?;
+            replace_file(&self.path(conversation), &bytes)?;
+            Ok(())
+        })
+    }
+
+    /// Removes a conversation's file durably (journaled first: after a crash the removal is
+    /// done again, and the conversation never comes back from earlier entries).
+    fn remove(&self, conversation: &ConversationId) -> Result<(), StoreError> {
+        self.journal.commit(Entry::Delete {
+            conversation: conversation.as_str().to_owned(),
+        })?;
+        fs::remove_file(self.path(conversation))?;
+        // A checkpoint may have passed between the entry and the removal: then only this
+        // makes the removal durable.
+        sync_dir(&self.dir)?;
+        Ok(())
     }
 
     /// The answer of `recent` when it needs no disk access and no waiting: the conversation is
@@ -416,15 +835,16 @@ impl Inner {
         conversation: &ConversationId,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
-        let (len, last_seq, cached) = self.with_conversation(conversation, |slot| {
+        let (len, cached) = self.with_conversation(conversation, |slot| {
             let open = Self::owned(slot, owner)?;
-            Ok((open.len, open.next_seq - 1, open.cached_recent(limit)))
+            Ok((open.len, open.cached_recent(limit)))
         })?;
         match cached {
             Some(messages) => Ok(messages),
             None => {
-                let after = last_seq.saturating_sub(limit as i64);
-                read_messages(&self.path(conversation), len, after, limit)
+                let all = read_all(&self.path(conversation), len)?;
+                let skip = all.len().saturating_sub(limit);
+                Ok(all.into_values().skip(skip).collect())
             }
         }
     }
@@ -438,7 +858,12 @@ impl Inner {
     ) -> Result<Vec<Message>, StoreError> {
         // Read outside the lock, up to the length known now: appends go on meanwhile.
         let len = self.with_conversation(conversation, |slot| Ok(Self::owned(slot, owner)?.len))?;
-        read_messages(&self.path(conversation), len, after_seq, limit)
+        let all = read_all(&self.path(conversation), len)?;
+        Ok(all
+            .into_values()
+            .filter(|m| m.seq > after_seq)
+            .take(limit)
+            .collect())
     }
 
     fn list(
@@ -482,16 +907,16 @@ impl Inner {
 
     fn delete(&self, owner: &Owner, conversation: &ConversationId) -> Result<(), StoreError> {
         self.with_conversation(conversation, |slot| {
-            Self::owned(slot, owner)?;
-            // Journaled first: after a crash the removal is done again, and the conversation
-            // never comes back from earlier entries.
-            self.journal.commit(Entry::Delete {
-                conversation: conversation.as_str().to_owned(),
+            let open = Self::owned(slot, owner)?;
+            // Recorded first, stamped after every message it erases: sync tells the cloud,
+            // and no copy synced back later revives what it erased.
+            self.deletions.record(Deletion {
+                conversation_id: conversation.clone(),
+                user_id: owner.user_id.clone(),
+                deleted_at: next_created_at(open.last_created_at),
+                origin: None,
             })?;
-            fs::remove_file(self.path(conversation))?;
-            // A checkpoint may have passed between the entry and the removal: then only this
-            // makes the removal durable.
-            sync_dir(&self.dir)?;
+            self.remove(conversation)?;
             *slot = None;
             Ok(())
         })?;
@@ -510,14 +935,25 @@ impl OpenConversation {
     /// The last `limit` messages, if the cache holds them (or the whole conversation).
     fn cached_recent(&self, limit: usize) -> Option<Vec<Message>> {
         let in_memory = self.recent.len();
-        let everything_cached = self.recent.front().is_none_or(|m| m.seq == 1);
+        let everything_cached = in_memory == self.ids.len();
         (limit <= in_memory || everything_cached).then(|| {
             let skip = in_memory.saturating_sub(limit);
             self.recent.iter().skip(skip).cloned().collect()
         })
     }
 
+    /// Takes a message just stored (or read) into account; one with a seq already known
+    /// stands for the earlier copy.
     fn remember(&mut self, message: Message, keep: usize) {
+        self.next_seq = self.next_seq.max(message.seq + 1);
+        self.last_created_at = self.last_created_at.max(Some(message.created_at));
+        if self.ids.get(&message.id) == Some(&message.seq) {
+            if let Some(cached) = self.recent.iter_mut().find(|m| m.seq == message.seq) {
+                *cached = message;
+            }
+            return;
+        }
+        self.ids.insert(message.id.clone(), message.seq);
         if self.recent.len() == keep {
             self.recent.pop_front();
         }
@@ -579,6 +1015,11 @@ fn apply_recovered(dir: &Path, entries: &[Entry]) -> io::Result<()> {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                 _ => {}
             },
+            Entry::Replace { bytes, .. } => {
+                replace_file(&path, bytes)?;
+                rewritten += 1;
+                touched.insert(conversation.to_owned());
+            }
         }
     }
     flush_files(dir, &touched)?;
@@ -641,8 +1082,7 @@ fn load(path: &Path, keep_recent: usize) -> Result<Option<OpenConversation>, Sto
     let mut line = Vec::new();
     let mut header = None;
     let mut len = 0u64;
-    let mut last_seq = 0;
-    let mut recent = VecDeque::with_capacity(keep_recent);
+    let mut messages = Vec::new();
     while let Some(complete) = next_line(&mut reader, &mut line)? {
         if !complete {
             break; // torn tail: never acknowledged
@@ -650,13 +1090,7 @@ fn load(path: &Path, keep_recent: usize) -> Result<Option<OpenConversation>, Sto
         let record_len = line.len() as u64;
         match (serde_json::from_slice::<Record>(&line), &header) {
             (Ok(Record::Conversation(h)), None) => header = Some(h),
-            (Ok(Record::Message(m)), Some(_)) => {
-                last_seq = last_seq.max(m.seq);
-                if recent.len() == keep_recent {
-                    recent.pop_front();
-                }
-                recent.push_back(m);
-            }
+            (Ok(Record::Message(m)), Some(_)) => messages.push(m),
             (Ok(_), _) => {
                 return Err(anyhow!("{}: records out of order", path.display()).into());
             }
@@ -680,13 +1114,19 @@ fn load(path: &Path, keep_recent: usize) -> Result<Option<OpenConversation>, Sto
         file.set_len(len)?;
         file.sync_all()?;
     }
-    Ok(Some(OpenConversation {
+    let mut open = OpenConversation {
         header,
         file,
         len,
-        next_seq: last_seq + 1,
-        recent,
-    }))
+        next_seq: 1,
+        ids: HashMap::new(),
+        last_created_at: None,
+        recent: VecDeque::with_capacity(keep_recent),
+    };
+    for message in messages {
+        open.remember(message, keep_recent);
+    }
+    Ok(Some(open))
 }
 
 fn read_header(path: &Path) -> Result<Option<Header>, StoreError> {
@@ -705,33 +1145,54 @@ fn read_header(path: &Path) -> Result<Option<Header>, StoreError> {
     }
 }
 
-/// Messages after `after_seq` among the first `len` bytes of a conversation file.
-fn read_messages(
+/// Reads the records between byte `from` and byte `to` of a conversation file (whole lines
+/// only; an unreadable one is skipped), and returns where the last whole line ends.
+fn read_lines(
     path: &Path,
-    len: u64,
-    after_seq: i64,
-    limit: usize,
-) -> Result<Vec<Message>, StoreError> {
-    let file = File::open(path).map_err(|e| match e.kind() {
+    from: u64,
+    to: u64,
+    mut each: impl FnMut(Record),
+) -> Result<u64, StoreError> {
+    let mut file = File::open(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => StoreError::NotFound,
         _ => e.into(),
     })?;
-    let mut reader = BufReader::new(file.take(len));
+    file.seek(SeekFrom::Start(from))?;
+    let mut reader = BufReader::new(file.take(to.saturating_sub(from)));
     let mut line = Vec::new();
-    let mut messages = Vec::new();
-    while messages.len() < limit {
-        match next_line(&mut reader, &mut line)? {
-            Some(true) => {
-                if let Ok(Record::Message(m)) = serde_json::from_slice(&line)
-                    && m.seq > after_seq
-                {
-                    messages.push(m);
-                }
-            }
-            _ => break,
+    let mut end = from;
+    while let Some(true) = next_line(&mut reader, &mut line)? {
+        end += line.len() as u64;
+        if let Ok(record) = serde_json::from_slice(&line) {
+            each(record);
         }
     }
+    Ok(end)
+}
+
+/// Every message among the first `len` bytes of a conversation file, by seq; a later copy of
+/// a seq (sync's replacement) stands for the earlier one.
+fn read_all(path: &Path, len: u64) -> Result<BTreeMap<i64, Message>, StoreError> {
+    let mut messages = BTreeMap::new();
+    read_lines(path, 0, len, |record| {
+        if let Record::Message(m) = record {
+            messages.insert(m.seq, m);
+        }
+    })?;
     Ok(messages)
+}
+
+/// Makes the file hold exactly `bytes` (a rewrite the journal already holds).
+fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all_at(bytes, 0)?;
+    file.set_len(bytes.len() as u64)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -752,6 +1213,7 @@ mod tests {
 
     fn say(text: &str) -> NewMessage {
         NewMessage {
+            id: None,
             role: Role::User,
             surface_id: SurfaceId::parse("cli").unwrap(),
             content: text.to_owned(),
@@ -893,5 +1355,170 @@ mod tests {
             contents(&store, "conv_big").await,
             [(1, large), (2, "small".to_owned())]
         );
+    }
+
+    fn remote(id: &str, text: &str, created_at: DateTime<Utc>) -> Message {
+        Message {
+            id: id.to_owned(),
+            seq: 0,
+            role: Role::Assistant,
+            surface_id: SurfaceId::parse("mobile").unwrap(),
+            content: text.to_owned(),
+            created_at,
+            model: Some("m".to_owned()),
+            usage: None,
+            origin: Some("cloud".to_owned()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_with_an_id_already_stored_is_found_not_stored_twice() {
+        let (_data, conversations, journal) = folders();
+        let store = FileStore::open(&conversations, &journal, 20).unwrap();
+        let conv = id("conv_once");
+        let with_id = || say("hello").with_id(Some("msg_fixed".to_owned()));
+        let first = store.append_once(&owner(), &conv, with_id()).await.unwrap();
+        let again = store.append_once(&owner(), &conv, with_id()).await.unwrap();
+        assert!(!first.existed && again.existed);
+        assert_eq!(again.message, first.message);
+        assert_eq!(contents(&store, "conv_once").await.len(), 1);
+        drop(store);
+        // Also once the conversation is read back from disk.
+        let store = FileStore::open(&conversations, &journal, 20).unwrap();
+        assert!(
+            store
+                .append_once(&owner(), &conv, with_id())
+                .await
+                .unwrap()
+                .existed
+        );
+        assert_eq!(
+            store.find(&owner(), &conv, "msg_fixed").await.unwrap(),
+            Some(first.message)
+        );
+    }
+
+    #[tokio::test]
+    async fn synced_messages_are_added_once_and_the_clouds_copy_replaces_a_different_one() {
+        let (_data, conversations, journal) = folders();
+        let store = FileStore::open(&conversations, &journal, 2).unwrap();
+        let conv = id("conv_sync");
+        let mine = store
+            .append_once(
+                &owner(),
+                &conv,
+                say("mine").with_id(Some("msg_same".to_owned())),
+            )
+            .await
+            .unwrap()
+            .message;
+        let later = mine.created_at + chrono::Duration::seconds(1);
+        let applied = store
+            .apply_remote(
+                &owner(),
+                &conv,
+                vec![
+                    remote("msg_new", "from the cloud", later),
+                    remote("msg_same", "the cloud's copy", later),
+                    remote("msg_new", "from the cloud", later),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            applied,
+            Applied {
+                added: 1,
+                duplicates: 1,
+                replaced: 1,
+                dropped: 0
+            }
+        );
+        let expect = [
+            (1, "the cloud's copy".to_owned()),
+            (2, "from the cloud".to_owned()),
+        ];
+        assert_eq!(contents(&store, "conv_sync").await, expect);
+        // A local message after them is stamped after them (the conversation's clock).
+        let next = store.append(&owner(), &conv, say("next")).await.unwrap();
+        assert!(next.created_at > later);
+        drop(store);
+        let store = FileStore::open(&conversations, &journal, 2).unwrap();
+        assert_eq!(contents(&store, "conv_sync").await[..2], expect);
+        let again = store
+            .apply_remote(
+                &owner(),
+                &conv,
+                vec![remote("msg_new", "from the cloud", later)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(again.duplicates, 1);
+    }
+
+    #[tokio::test]
+    async fn a_deletion_from_elsewhere_erases_what_it_saw_and_keeps_what_came_after() {
+        let (_data, conversations, journal) = folders();
+        let store = FileStore::open(&conversations, &journal, 20).unwrap();
+        let conv = id("conv_gone");
+        let old = store.append(&owner(), &conv, say("old")).await.unwrap();
+        let deleted_at = old.created_at + chrono::Duration::milliseconds(1);
+        let newer = remote(
+            "msg_newer",
+            "after the deletion",
+            deleted_at + chrono::Duration::seconds(1),
+        );
+        store
+            .apply_remote(&owner(), &conv, vec![newer.clone()])
+            .await
+            .unwrap();
+        let deletion = Deletion {
+            conversation_id: conv.clone(),
+            user_id: owner().user_id,
+            deleted_at,
+            origin: Some("cloud".to_owned()),
+        };
+        store.apply_remote_deletion(deletion.clone()).await.unwrap();
+        assert_eq!(
+            contents(&store, "conv_gone").await,
+            [(2, "after the deletion".to_owned())],
+            "seqs already handed out stay"
+        );
+        // An old copy brought again is not stored; the deletion survives a crash.
+        let applied = store
+            .apply_remote(
+                &owner(),
+                &conv,
+                vec![remote("msg_stale", "stale", old.created_at)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(applied.dropped, 1);
+        store.inner.journal.abandon();
+        drop(store);
+        let store = FileStore::open(&conversations, &journal, 20).unwrap();
+        assert_eq!(
+            contents(&store, "conv_gone").await,
+            [(2, "after the deletion".to_owned())]
+        );
+        assert_eq!(store.deletions().latest(&conv), Some(deletion));
+        let next = store.append(&owner(), &conv, say("again")).await.unwrap();
+        assert_eq!(next.seq, 3);
+    }
+
+    #[tokio::test]
+    async fn a_conversation_deleted_here_is_remembered_and_a_new_one_with_its_id_comes_after() {
+        let (_data, conversations, journal) = folders();
+        let store = FileStore::open(&conversations, &journal, 20).unwrap();
+        let conv = id("conv_del");
+        let first = store.append(&owner(), &conv, say("first")).await.unwrap();
+        store.delete(&owner(), &conv).await.unwrap();
+        let deletion = store.deletions().latest(&conv).unwrap();
+        assert!(deletion.deleted_at > first.created_at && deletion.origin.is_none());
+        let again = store.append(&owner(), &conv, say("anew")).await.unwrap();
+        assert_eq!(again.seq, 1);
+        assert!(again.created_at > deletion.deleted_at);
+        let (written, _) = store.deletions().since(0).unwrap();
+        assert_eq!(written, [deletion]);
     }
 }

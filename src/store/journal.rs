@@ -37,6 +37,7 @@ const HEADER_LEN: u64 = 4096;
 const FRAME_LEN: usize = 4 + 8 + 4;
 const WRITE: u8 = 1;
 const DELETE: u8 = 2;
+const REPLACE: u8 = 3;
 
 /// One change to a conversation file, as the journal keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,12 +50,20 @@ pub enum Entry {
     },
     /// The conversation's file is removed.
     Delete { conversation: String },
+    /// The conversation's file holds `bytes` and nothing else: rewritten in one entry, so that
+    /// a crash leaves either the old file or the new one.
+    Replace {
+        conversation: String,
+        bytes: Vec<u8>,
+    },
 }
 
 impl Entry {
     pub fn conversation(&self) -> &str {
         match self {
-            Entry::Write { conversation, .. } | Entry::Delete { conversation } => conversation,
+            Entry::Write { conversation, .. }
+            | Entry::Delete { conversation }
+            | Entry::Replace { conversation, .. } => conversation,
         }
     }
 
@@ -68,6 +77,7 @@ impl Entry {
         match self {
             Entry::Write { bytes, .. } => head + 8 + bytes.len(),
             Entry::Delete { .. } => head,
+            Entry::Replace { bytes, .. } => head + bytes.len(),
         }
     }
 
@@ -85,6 +95,11 @@ impl Entry {
             Entry::Delete { .. } => {
                 out.extend([DELETE, id_len]);
                 out.extend(&id[..usize::from(id_len)]);
+            }
+            Entry::Replace { bytes, .. } => {
+                out.extend([REPLACE, id_len]);
+                out.extend(&id[..usize::from(id_len)]);
+                out.extend(bytes);
             }
         }
     }
@@ -104,6 +119,10 @@ impl Entry {
                 })
             }
             DELETE if rest.is_empty() => Some(Entry::Delete { conversation }),
+            REPLACE => Some(Entry::Replace {
+                conversation,
+                bytes: rest.to_vec(),
+            }),
             _ => None,
         }
     }

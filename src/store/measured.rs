@@ -6,7 +6,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use tracing::Instrument;
 
-use super::{ConversationStore, ConversationSummary, Owner, StoreError};
+use super::{Appended, ConversationStore, ConversationSummary, Owner, StoreError};
 use crate::domain::{ConversationId, Message, NewMessage};
 use crate::metrics::Metrics;
 
@@ -35,13 +35,26 @@ impl MeasuredStore {
 
 #[async_trait]
 impl ConversationStore for MeasuredStore {
-    async fn append(
+    async fn append_once(
         &self,
         owner: &Owner,
         conversation: &ConversationId,
         message: NewMessage,
-    ) -> Result<Message, StoreError> {
-        self.measure("append", self.inner.append(owner, conversation, message))
+    ) -> Result<Appended, StoreError> {
+        self.measure(
+            "append",
+            self.inner.append_once(owner, conversation, message),
+        )
+        .await
+    }
+
+    async fn find(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        id: &str,
+    ) -> Result<Option<Message>, StoreError> {
+        self.measure("find", self.inner.find(owner, conversation, id))
             .await
     }
 

@@ -1,6 +1,7 @@
 //! Where conversations live. One trait, one implementation per deployment mode; everything above
 //! it is written once.
 
+pub mod deletions;
 mod file;
 mod journal;
 mod measured;
@@ -12,7 +13,7 @@ use serde::Serialize;
 
 use crate::domain::{ConversationId, Message, NewMessage, UserId};
 
-pub use file::{FileStore, create_private_dir};
+pub use file::{Applied, FileCursor, FileStore, create_private_dir};
 pub use measured::MeasuredStore;
 pub use postgres::{PgStore, is_unavailable};
 
@@ -43,18 +44,51 @@ pub enum StoreError {
     Other(#[from] anyhow::Error),
 }
 
+/// A message handed to [`ConversationStore::append_once`], as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Appended {
+    pub message: Message,
+    /// The message's id was already in the conversation: this is the copy found there, and
+    /// nothing new was stored.
+    pub existed: bool,
+}
+
 #[async_trait]
 pub trait ConversationStore: Send + Sync + 'static {
-    /// Appends a message, durably, and returns it with its seq. The conversation is created
-    /// for `owner` when it does not exist yet; another owner's conversation is `NotFound`.
+    /// Appends a message, durably, and returns it with its seq and time. The conversation is
+    /// created for `owner` when it does not exist yet. A message with an id the conversation
+    /// already holds is not stored again: the stored one comes back. Local mode: another
+    /// owner's conversation is `NotFound` (one file per id); cloud mode scopes ids by owner.
+    async fn append_once(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        message: NewMessage,
+    ) -> Result<Appended, StoreError>;
+
+    /// `append_once`, for the stored message alone.
     async fn append(
         &self,
         owner: &Owner,
         conversation: &ConversationId,
         message: NewMessage,
-    ) -> Result<Message, StoreError>;
+    ) -> Result<Message, StoreError> {
+        Ok(self
+            .append_once(owner, conversation, message)
+            .await?
+            .message)
+    }
 
-    /// The last `limit` messages, oldest first.
+    /// The message with this id, if the owner's conversation holds it.
+    async fn find(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        id: &str,
+    ) -> Result<Option<Message>, StoreError>;
+
+    /// The last `limit` messages to arrive, in seq order (callers put them in the
+    /// conversation's order, `domain::conversation_order`).
     async fn recent(
         &self,
         owner: &Owner,
@@ -62,7 +96,7 @@ pub trait ConversationStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Message>, StoreError>;
 
-    /// Messages with seq greater than `after_seq`, oldest first, at most `limit`.
+    /// Messages with seq greater than `after_seq`, in seq order, at most `limit`.
     async fn messages(
         &self,
         owner: &Owner,
@@ -79,7 +113,7 @@ pub trait ConversationStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<ConversationSummary>, StoreError>;
 
-    /// Erases the conversation and all its messages.
+    /// Erases the conversation and all its messages, and remembers that it did (for sync).
     async fn delete(&self, owner: &Owner, conversation: &ConversationId) -> Result<(), StoreError>;
 
     /// Whether the storage can be used right now (cheap: `/health` calls it).

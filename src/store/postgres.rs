@@ -1,8 +1,9 @@
 //! Cloud mode's store: conversations and messages in Postgres.
 //!
-//! An append is one statement: it creates or bumps the conversation row (whose lock orders
-//! concurrent writers), inserts the message with the new seq and, for a reply, its usage row,
-//! all in one implicit transaction. Every query is scoped by tenant and user.
+//! An append is one statement: it bumps the owner's feed, creates or bumps the conversation row
+//! (whose lock orders concurrent writers), inserts the message with the new seq and, for a
+//! reply, its usage row, all in one implicit transaction. Every query is scoped by tenant and
+//! user: a conversation is (tenant, user, id), so two users' `conv_demo` are two conversations.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -10,7 +11,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgRow;
 use sqlx::{FromRow, Row};
 
-use super::{ConversationStore, ConversationSummary, Owner, StoreError};
+use super::{Appended, ConversationStore, ConversationSummary, Owner, StoreError};
 use crate::domain::{ConversationId, Message, NewMessage, Role, SurfaceId, Usage, UserId};
 
 #[derive(Clone)]
@@ -21,6 +22,10 @@ pub struct PgStore {
 }
 
 impl PgStore {
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     pub fn new(pool: PgPool) -> Self {
         let latest_migration = crate::db::MIGRATOR
             .iter()
@@ -34,8 +39,11 @@ impl PgStore {
     }
 }
 
-const MESSAGE_COLUMNS: &str = "m.id, m.seq, m.role, m.surface_id, m.content, m.created_at, m.model, \
-     m.prompt_tokens, m.completion_tokens, m.cost_usd";
+pub(crate) const MESSAGE_COLUMNS: &str = "m.id, m.seq, m.role, m.surface_id, m.content, \
+     m.created_at, m.model, m.prompt_tokens, m.completion_tokens, m.cost_usd, m.origin";
+
+/// The owner's conversation, as a `WHERE` clause on `c` (tenant $1, conversation $2, user $3).
+const OWNED: &str = "c.tenant_id = $1 AND c.id = $2 AND c.user_id = $3";
 
 impl<'r> FromRow<'r, PgRow> for Message {
     fn from_row(row: &'r PgRow) -> Result<Self, sqlx::Error> {
@@ -68,6 +76,7 @@ impl<'r> FromRow<'r, PgRow> for Message {
             created_at: row.try_get("created_at")?,
             model: row.try_get("model")?,
             usage,
+            origin: row.try_get("origin")?,
         })
     }
 }
@@ -102,46 +111,82 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
     }
 }
 
-fn role_name(role: Role) -> &'static str {
+/// Whether a statement failed on a unique constraint (a concurrent writer stored the same).
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
+}
+
+pub(crate) fn role_name(role: Role) -> &'static str {
     match role {
         Role::User => "user",
         Role::Assistant => "assistant",
     }
 }
 
-#[async_trait]
-impl ConversationStore for PgStore {
-    async fn append(
+impl PgStore {
+    /// The owner's message `id` in `conversation`, if stored.
+    async fn stored(
         &self,
         owner: &Owner,
         conversation: &ConversationId,
-        new: NewMessage,
-    ) -> Result<Message, StoreError> {
-        let api_key_id = new.api_key_id.clone();
-        let message = new.into_message(0); // the seq comes from the database
+        id: &str,
+    ) -> Result<Option<Message>, StoreError> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages m
+             JOIN conversations c ON c.pk = m.conversation_pk
+             WHERE {OWNED} AND m.id = $4"
+        ))
+        .bind(&owner.tenant)
+        .bind(conversation.as_str())
+        .bind(owner.user_id.as_str())
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn insert(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        new: &NewMessage,
+    ) -> Result<Message, sqlx::Error> {
+        // Seq and time come from the database: the time is its clock's (the same for every
+        // replica), but always after the conversation's newest message and after a deletion
+        // of the same id (see `domain::next_created_at`).
+        let message = new.clone().into_message(0, Utc::now());
         let usage = message.usage.filter(|_| message.model.is_some());
         let row = sqlx::query(
-            "WITH conversation AS (
-                 INSERT INTO conversations AS c (tenant_id, id, user_id, last_seq)
-                 VALUES ($1, $2, $3, 1)
-                 ON CONFLICT (id) DO UPDATE
-                     SET last_seq = c.last_seq + 1, updated_at = now()
-                     WHERE c.tenant_id = EXCLUDED.tenant_id AND c.user_id = EXCLUDED.user_id
-                 RETURNING last_seq
+            "WITH owner AS (
+                 INSERT INTO owners AS o (tenant_id, user_id, feed_head) VALUES ($1, $3, 1)
+                 ON CONFLICT (tenant_id, user_id) DO UPDATE SET feed_head = o.feed_head + 1
+                 RETURNING id, feed_head
+             ), conversation AS (
+                 INSERT INTO conversations AS c (tenant_id, id, user_id, owner_id, last_seq,
+                     last_created_at)
+                 SELECT $1, $2, $3, owner.id, 1, GREATEST(now(),
+                     (SELECT d.deleted_at + interval '1 microsecond' FROM conversation_deletions d
+                      WHERE d.owner_id = owner.id AND d.conversation_id = $2))
+                 FROM owner
+                 ON CONFLICT (tenant_id, user_id, id) DO UPDATE
+                     SET last_seq = c.last_seq + 1, updated_at = now(),
+                         last_created_at = GREATEST(EXCLUDED.last_created_at,
+                             c.last_created_at + interval '1 microsecond')
+                 RETURNING pk, last_seq, last_created_at
              ), message AS (
-                 INSERT INTO messages (conversation_id, seq, id, role, surface_id,
-                     content, created_at, model, prompt_tokens, completion_tokens, cost_usd,
-                     api_key_id)
-                 SELECT $2, last_seq, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13
-                 FROM conversation
-                 RETURNING seq
+                 INSERT INTO messages (conversation_pk, seq, id, role, surface_id, content,
+                     created_at, model, prompt_tokens, completion_tokens, cost_usd, api_key_id,
+                     owner_id, feed_seq)
+                 SELECT conversation.pk, conversation.last_seq, $4, $5, $6, $7,
+                     conversation.last_created_at, $8, $9, $10, $11, $12, owner.id, owner.feed_head
+                 FROM conversation, owner
+                 RETURNING seq, created_at
              ), usage_row AS (
                  INSERT INTO usage (ts, tenant_id, api_key_id, user_id, conversation_id,
                      surface_id, model, prompt_tokens, completion_tokens, cost_usd)
-                 SELECT $8, $1, $13, $3, $2, $6, $9, $10, $11, $12
-                 FROM conversation WHERE $14
+                 SELECT message.created_at, $1, $12, $3, $2, $6, $8, $9, $10, $11
+                 FROM message WHERE $13
              )
-             SELECT seq FROM message",
+             SELECT seq, created_at FROM message",
         )
         .bind(&owner.tenant)
         .bind(conversation.as_str())
@@ -150,18 +195,65 @@ impl ConversationStore for PgStore {
         .bind(role_name(message.role))
         .bind(message.surface_id.as_str())
         .bind(&message.content)
-        .bind(message.created_at)
         .bind(&message.model)
         .bind(usage.map(|u| u.prompt_tokens as i64))
         .bind(usage.map(|u| u.completion_tokens as i64))
         .bind(usage.map(|u| u.cost_usd))
-        .bind(&api_key_id)
+        .bind(&new.api_key_id)
         .bind(usage.is_some())
-        .fetch_optional(&self.pool)
+        .fetch_one(&self.pool)
         .await?;
-        // No row: the conversation exists and belongs to someone else.
-        let seq: i64 = row.ok_or(StoreError::NotFound)?.try_get("seq")?;
-        Ok(Message { seq, ..message })
+        Ok(Message {
+            seq: row.try_get("seq")?,
+            created_at: row.try_get("created_at")?,
+            ..message
+        })
+    }
+}
+
+#[async_trait]
+impl ConversationStore for PgStore {
+    async fn append_once(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        new: NewMessage,
+    ) -> Result<Appended, StoreError> {
+        if let Some(id) = &new.id
+            && let Some(found) = self.stored(owner, conversation, id).await?
+        {
+            return Ok(Appended {
+                message: found,
+                existed: true,
+            });
+        }
+        match self.insert(owner, conversation, &new).await {
+            Ok(message) => Ok(Appended {
+                message,
+                existed: false,
+            }),
+            // The same id, stored meanwhile by a concurrent request (or a sync push).
+            Err(e) if is_unique_violation(&e) && new.id.is_some() => {
+                let id = new.id.as_deref().unwrap_or_default();
+                match self.stored(owner, conversation, id).await? {
+                    Some(found) => Ok(Appended {
+                        message: found,
+                        existed: true,
+                    }),
+                    None => Err(e.into()),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn find(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        id: &str,
+    ) -> Result<Option<Message>, StoreError> {
+        self.stored(owner, conversation, id).await
     }
 
     async fn recent(
@@ -172,8 +264,8 @@ impl ConversationStore for PgStore {
     ) -> Result<Vec<Message>, StoreError> {
         let mut messages: Vec<Message> = sqlx::query_as(&format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages m
-             JOIN conversations c ON c.id = m.conversation_id
-             WHERE c.tenant_id = $1 AND c.id = $2 AND c.user_id = $3
+             JOIN conversations c ON c.pk = m.conversation_pk
+             WHERE {OWNED}
              ORDER BY m.seq DESC LIMIT $4"
         ))
         .bind(&owner.tenant)
@@ -182,7 +274,7 @@ impl ConversationStore for PgStore {
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;
-        // A conversation always holds its first message: none means none of the owner's.
+        // A conversation always holds a message: none means none of the owner's.
         if messages.is_empty() {
             return Err(StoreError::NotFound);
         }
@@ -197,30 +289,24 @@ impl ConversationStore for PgStore {
         after_seq: i64,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let exists = sqlx::query(
-            "SELECT 1 FROM conversations WHERE tenant_id = $1 AND id = $2 AND user_id = $3",
-        )
-        .bind(&owner.tenant)
-        .bind(conversation.as_str())
-        .bind(owner.user_id.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        if exists.is_none() {
-            return Err(StoreError::NotFound);
-        }
-        let messages = sqlx::query_as(&format!(
+        let pk: Option<i64> =
+            sqlx::query_scalar(&format!("SELECT c.pk FROM conversations c WHERE {OWNED}"))
+                .bind(&owner.tenant)
+                .bind(conversation.as_str())
+                .bind(owner.user_id.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        let pk = pk.ok_or(StoreError::NotFound)?;
+        Ok(sqlx::query_as(&format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages m
-             WHERE m.conversation_id = $1 AND m.seq > $2
+             WHERE m.conversation_pk = $1 AND m.seq > $2
              ORDER BY m.seq LIMIT $3"
         ))
-        .bind(conversation.as_str())
+        .bind(pk)
         .bind(after_seq)
         .bind(limit as i64)
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(messages)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     async fn list(
@@ -257,16 +343,34 @@ impl ConversationStore for PgStore {
     }
 
     async fn delete(&self, owner: &Owner, conversation: &ConversationId) -> Result<(), StoreError> {
-        // Its messages go with it (ON DELETE CASCADE), in this one statement.
-        let deleted = sqlx::query(
-            "DELETE FROM conversations WHERE tenant_id = $1 AND id = $2 AND user_id = $3",
+        // Its messages go with it (ON DELETE CASCADE), and its deletion is remembered in the
+        // owner's feed, stamped after its newest message, all in this one statement.
+        let deleted: i64 = sqlx::query_scalar(
+            "WITH owner AS (
+                 UPDATE owners SET feed_head = feed_head + 1
+                 WHERE tenant_id = $1 AND user_id = $3
+                 RETURNING id, feed_head
+             ), gone AS (
+                 DELETE FROM conversations c USING owner
+                 WHERE c.tenant_id = $1 AND c.id = $2 AND c.user_id = $3
+                 RETURNING owner.id AS owner_id, owner.feed_head,
+                     GREATEST(now(), c.last_created_at + interval '1 microsecond') AS deleted_at
+             ), deletion AS (
+                 INSERT INTO conversation_deletions AS d (owner_id, conversation_id, deleted_at,
+                     feed_seq, origin)
+                 SELECT owner_id, $2, deleted_at, feed_head, NULL FROM gone
+                 ON CONFLICT (owner_id, conversation_id) DO UPDATE
+                     SET deleted_at = GREATEST(d.deleted_at, EXCLUDED.deleted_at),
+                         feed_seq = EXCLUDED.feed_seq, origin = NULL
+             )
+             SELECT count(*) FROM gone",
         )
         .bind(&owner.tenant)
         .bind(conversation.as_str())
         .bind(owner.user_id.as_str())
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await?;
-        if deleted.rows_affected() == 0 {
+        if deleted == 0 {
             return Err(StoreError::NotFound);
         }
         Ok(())

@@ -307,17 +307,87 @@ async fn a_tenant_never_sees_another_tenants_conversations(_: PgPoolOptions, db:
     let listed: Value = list_status(&app, &globex).await.json().await.unwrap();
     assert_eq!(listed["conversations"], json!([]));
 
-    // Nor can it continue it, even knowing its id.
+    // Nor can it continue it, even knowing its id: the same id is a conversation of its own.
     let continued = app
         .core(&globex, &body("ana", "conv_secret", "let me in"))
         .await;
-    assert_eq!(continued.status(), 404);
-    let stored: Vec<String> =
-        sqlx::query_scalar("SELECT content FROM messages WHERE role = 'user'")
-            .fetch_all(&app.pool)
+    assert_eq!(continued.status(), 200);
+    let seen: Value = app
+        .request(
+            Method::GET,
+            "/api/maestra/conversations/conv_secret?user_id=ana",
+            Some(&globex),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let seen: Vec<&str> = seen["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(seen.len(), 2, "its own message and the reply: {seen:?}");
+    assert_eq!(seen[0], "let me in");
+    let stored: Vec<(String, String)> = sqlx::query_as(
+        "SELECT c.tenant_id, m.content FROM messages m
+         JOIN conversations c ON c.pk = m.conversation_pk
+         WHERE m.role = 'user' ORDER BY c.tenant_id",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        stored,
+        [
+            ("acme".to_owned(), "acme only".to_owned()),
+            ("globex".to_owned(), "let me in".to_owned())
+        ]
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn two_users_and_two_tenants_each_get_their_own_conv_demo(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let app = spawn_cloud_app(&db, &[]).await;
+    let (_, acme) = app.create_key("acme", None).await;
+    let (_, globex) = app.create_key("globex", None).await;
+    let posts = [
+        (&acme, "ana", "ana at acme"),
+        (&acme, "ben", "ben at acme"),
+        (&globex, "ana", "ana at globex"),
+    ];
+    for (key, user, text) in posts {
+        let response = app.core(key, &body(user, "conv_demo", text)).await;
+        assert_eq!(
+            response.status(),
+            200,
+            "{text}: the first post to conv_demo"
+        );
+    }
+    for (key, user, text) in posts {
+        let page: Value = app
+            .request(
+                Method::GET,
+                &format!("/api/maestra/conversations/conv_demo?user_id={user}"),
+                Some(key),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
             .await
             .unwrap();
-    assert_eq!(stored, ["acme only"]);
+        let messages = page["messages"].as_array().unwrap();
+        assert_eq!(messages.len(), 2, "{text}");
+        assert_eq!(messages[0]["content"], text);
+        assert_eq!(messages[0]["seq"], 1, "{text}: a conversation of its own");
+    }
 }
 
 #[sqlx::test(migrations = false)]

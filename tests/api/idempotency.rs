@@ -152,9 +152,9 @@ async fn an_unusable_idempotency_key_is_refused() {
 
 #[tokio::test]
 async fn local_keys_survive_a_restart() {
+    use maestra::domain::TurnOutcome;
     use maestra::domain::{ConversationId, SurfaceId, Usage};
     use maestra::idempotency::{Begin, FileIdempotency, IdempotencyKey, IdempotencyStore};
-    use maestra::service::TurnOutcome;
 
     let dir = tempfile::tempdir().unwrap();
     let key = IdempotencyKey::parse("k", &json!({"message": "hi"})).unwrap();

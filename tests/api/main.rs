@@ -22,6 +22,7 @@ mod openapi;
 mod process;
 mod provider;
 mod reliability;
+mod schema;
 mod store;
 mod streaming;
 mod usage;

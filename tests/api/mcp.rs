@@ -160,7 +160,8 @@ async fn the_ide_lists_the_tools_and_is_answered_by_local_then_by_cloud_when_loc
     assert_eq!(body["backend"], "cloud");
     let conversation = body["conversation_id"].as_str().unwrap();
     let stored: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM messages WHERE conversation_id = $1 AND surface_id = 'windsurf'",
+        "SELECT count(*) FROM messages m JOIN conversations c ON c.pk = m.conversation_pk
+         WHERE c.id = $1 AND m.surface_id = 'windsurf'",
     )
     .bind(conversation)
     .fetch_one(&cloud.pool)

@@ -20,6 +20,7 @@ fn conversation(id: &str) -> ConversationId {
 
 fn user_message(surface: &str, text: &str) -> NewMessage {
     NewMessage {
+        id: None,
         role: Role::User,
         surface_id: SurfaceId::parse(surface).unwrap(),
         content: text.to_owned(),
@@ -65,7 +66,19 @@ mod suite {
         }
     }
 
-    pub async fn conversations_are_private_to_their_owner(store: &dyn ConversationStore) {
+    /// How a store answers another owner's append to an id that is taken.
+    #[derive(Clone, Copy)]
+    pub enum TakenIds {
+        /// One file per id (local mode): refused as not found.
+        Refused,
+        /// Ids scoped by owner (cloud mode): the other owner's own, separate conversation.
+        Separate,
+    }
+
+    pub async fn conversations_are_private_to_their_owner(
+        store: &dyn ConversationStore,
+        taken: TakenIds,
+    ) {
         let conv = conversation("conv_private");
         store
             .append(&owner("ana"), &conv, user_message("cli", "mine"))
@@ -78,9 +91,7 @@ mod suite {
         };
         for intruder in [&mallory, &other_tenant] {
             assert!(matches!(
-                store
-                    .append(intruder, &conv, user_message("cli", "x"))
-                    .await,
+                store.messages(intruder, &conv, 0, 10).await,
                 Err(StoreError::NotFound)
             ));
             assert!(matches!(
@@ -96,15 +107,22 @@ mod suite {
                 Err(StoreError::NotFound)
             ));
             assert!(store.list(intruder, 0, 10).await.unwrap().is_empty());
+            let appended = store
+                .append(intruder, &conv, user_message("cli", "theirs"))
+                .await;
+            match taken {
+                TakenIds::Refused => assert!(matches!(appended, Err(StoreError::NotFound))),
+                TakenIds::Separate => {
+                    assert_eq!(appended.unwrap().seq, 1, "a conversation of their own");
+                    let theirs = store.messages(intruder, &conv, 0, 10).await.unwrap();
+                    assert_eq!(theirs.len(), 1);
+                    assert_eq!(theirs[0].content, "theirs");
+                }
+            }
         }
-        assert_eq!(
-            store
-                .messages(&owner("ana"), &conv, 0, 10)
-                .await
-                .unwrap()
-                .len(),
-            1
-        );
+        let mine = store.messages(&owner("ana"), &conv, 0, 10).await.unwrap();
+        assert_eq!(mine.len(), 1);
+        assert_eq!(mine[0].content, "mine");
     }
 
     pub async fn concurrent_appends_get_distinct_seqs(store: Arc<dyn ConversationStore>) {
@@ -175,7 +193,7 @@ async fn file_store_passes_the_store_suite() {
     let store = file_store(dir.path());
     suite::appends_are_numbered_and_read_back_in_order(&store).await;
     suite::recent_returns_the_last_messages_oldest_first(&store).await;
-    suite::conversations_are_private_to_their_owner(&store).await;
+    suite::conversations_are_private_to_their_owner(&store, suite::TakenIds::Refused).await;
     suite::delete_removes_the_conversation(&store).await;
     suite::concurrent_appends_get_distinct_seqs(Arc::new(store)).await;
 }
@@ -295,7 +313,7 @@ async fn postgres_store_passes_the_store_suite(pool: sqlx::PgPool) {
     let store = maestra::store::PgStore::new(pool);
     suite::appends_are_numbered_and_read_back_in_order(&store).await;
     suite::recent_returns_the_last_messages_oldest_first(&store).await;
-    suite::conversations_are_private_to_their_owner(&store).await;
+    suite::conversations_are_private_to_their_owner(&store, suite::TakenIds::Separate).await;
     suite::delete_removes_the_conversation(&store).await;
     suite::concurrent_appends_get_distinct_seqs(Arc::new(store)).await;
 }
