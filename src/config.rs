@@ -107,6 +107,18 @@ pub struct Settings {
     /// How long a request body may take to arrive (slow clients are cut off with 408).
     pub body_timeout: Duration,
     pub llm: LlmSettings,
+    pub sync: SyncSettings,
+}
+
+/// Sync between a local server and the cloud (see `crate::sync`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncSettings {
+    /// Local mode: whether to sync once `maestra sync setup` linked a cloud (`MAESTRA_SYNC`).
+    pub enabled: bool,
+    /// Local mode: how often to look for the cloud's changes (and retry) when idle.
+    pub interval: Duration,
+    /// Cloud mode: each key's quota for sync requests, apart from its chat quota.
+    pub quota: Quota,
 }
 
 impl Settings {
@@ -144,6 +156,10 @@ struct Raw {
     metrics_token: Option<String>,
     drain_seconds: Option<String>,
     body_timeout_seconds: Option<String>,
+    sync: Option<String>,
+    sync_interval: Option<String>,
+    sync_rate_limit_requests: Option<String>,
+    sync_rate_limit_window: Option<String>,
     // The model provider (parsed in config/llm.rs).
     history_chars: Option<String>,
     llm_base_url: Option<String>,
@@ -278,6 +294,35 @@ impl Settings {
                 )?
                 .get(),
             )),
+            sync: SyncSettings {
+                enabled: parse_switch("MAESTRA_SYNC", raw.sync.as_deref().unwrap_or("on"))?,
+                interval: Duration::from_secs(u64::from(
+                    parse_count(
+                        "MAESTRA_SYNC_INTERVAL",
+                        &required("MAESTRA_SYNC_INTERVAL", raw.sync_interval)?,
+                    )?
+                    .get(),
+                )),
+                quota: Quota {
+                    requests: parse_count(
+                        "MAESTRA_SYNC_RATE_LIMIT_REQUESTS",
+                        &required(
+                            "MAESTRA_SYNC_RATE_LIMIT_REQUESTS",
+                            raw.sync_rate_limit_requests,
+                        )?,
+                    )?,
+                    window: Duration::from_secs(u64::from(
+                        parse_count(
+                            "MAESTRA_SYNC_RATE_LIMIT_WINDOW",
+                            &required(
+                                "MAESTRA_SYNC_RATE_LIMIT_WINDOW",
+                                raw.sync_rate_limit_window,
+                            )?,
+                        )?
+                        .get(),
+                    )),
+                },
+            },
             drain: Duration::from_secs(
                 raw.drain_seconds
                     .as_deref()
@@ -364,6 +409,17 @@ fn parse_api_key(value: String) -> Result<SecretString, ConfigError> {
         ));
     }
     Ok(key)
+}
+
+fn parse_switch(variable: &str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        _ => Err(ConfigError::new(
+            variable,
+            format!("{value:?} is neither on nor off"),
+        )),
+    }
 }
 
 fn parse_count(variable: &str, value: &str) -> Result<NonZeroU32, ConfigError> {

@@ -19,6 +19,7 @@ pub mod service;
 pub mod service_unit;
 pub mod startup;
 pub mod store;
+pub mod sync;
 pub mod telemetry;
 pub mod usage_log;
 pub mod usage_report;

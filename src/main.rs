@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use maestra::commands::install::{InstallOpts, UninstallOpts};
-use maestra::commands::{self, ask::AskArgs, health::HealthArgs, keys::KeysCommand};
+use maestra::commands::{
+    self, ask::AskArgs, health::HealthArgs, keys::KeysCommand, sync::SyncCommand,
+};
 use maestra::usage_report;
 
 /// Maestra Backend: one HTTP service behind the IDE, browser, CLI and mobile surfaces.
@@ -36,6 +38,9 @@ enum Command {
     Ask(AskArgs),
     /// Show the local and the cloud backend's health side by side (exit 1 if neither is up).
     Health(HealthArgs),
+    /// Sync the local server with a cloud (one conversation space): setup, status, now, remove.
+    #[command(subcommand)]
+    Sync(SyncCommand),
     /// Run the conversation-hub MCP server on stdio (for IDEs: "command": "maestra", "args": ["mcp"]).
     Mcp,
     /// Requests, tokens and cost in USD per day (UTC) and model, read from the local ledger
@@ -53,6 +58,7 @@ fn main() -> ExitCode {
         Command::Uninstall(opts) => commands::install::uninstall(&opts),
         Command::Ask(args) => commands::ask::run(args),
         Command::Health(args) => commands::health::run(args),
+        Command::Sync(command) => commands::sync::run(command),
         Command::Mcp => commands::mcp::run(),
         Command::Usage(opts) => commands::usage::run(&opts),
     };

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus::{
-    Counter, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    Counter, CounterVec, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter,
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -32,6 +32,14 @@ pub struct Metrics {
     pub cost_usd: CounterVec,
     pub store_duration: HistogramVec,
     pub overhead: Histogram,
+    /// Records sync moved: local mode `pushed` / `pulled`; cloud mode `received` / `sent`.
+    pub sync_records: IntCounterVec,
+    /// Local mode: sync rounds that failed, by cause.
+    pub sync_failures: IntCounterVec,
+    /// Local mode: records written here and not yet in the cloud.
+    pub sync_pending: IntGauge,
+    /// Local mode: seconds since the last round that completed (0 when synced just now).
+    pub sync_lag: Gauge,
     tenants: Mutex<HashSet<String>>,
 }
 
@@ -96,6 +104,25 @@ impl Metrics {
                 )
                 .buckets(latency_buckets()),
             )?,
+            sync_records: IntCounterVec::new(
+                Opts::new(
+                    "maestra_sync_records_total",
+                    "Records moved by sync: pushed and pulled (local), received and sent (cloud)",
+                ),
+                &["direction"],
+            )?,
+            sync_failures: IntCounterVec::new(
+                Opts::new("maestra_sync_failures_total", "Sync rounds that failed, by cause"),
+                &["reason"],
+            )?,
+            sync_pending: IntGauge::new(
+                "maestra_sync_pending_records",
+                "Records written here that the cloud does not have yet",
+            )?,
+            sync_lag: Gauge::new(
+                "maestra_sync_lag_seconds",
+                "Seconds since sync last completed a round with the cloud",
+            )?,
             tenants: Mutex::new(HashSet::new()),
             registry,
         };
@@ -123,6 +150,12 @@ impl Metrics {
         r.register(Box::new(metrics.cost_usd.clone()))?;
         r.register(Box::new(metrics.store_duration.clone()))?;
         r.register(Box::new(metrics.overhead.clone()))?;
+        r.register(Box::new(metrics.sync_records.clone()))?;
+        r.register(Box::new(metrics.sync_failures.clone()))?;
+        if mode == "local" {
+            r.register(Box::new(metrics.sync_pending.clone()))?;
+            r.register(Box::new(metrics.sync_lag.clone()))?;
+        }
         Ok(metrics)
     }
 

@@ -19,7 +19,7 @@ use tokio::task::AbortHandle;
 
 use crate::api::{self, AppState, CloudGate, middleware};
 use crate::auth::Authenticator;
-use crate::auth::middleware::UnverifiedByAddress;
+use crate::auth::middleware::{SyncQuota, UnverifiedByAddress};
 use crate::auth::repository;
 use crate::config::{Mode, PortChoice, Settings};
 use crate::db;
@@ -29,6 +29,7 @@ use crate::ratelimit::KeyRateLimiter;
 use crate::responder;
 use crate::service::ConversationService;
 use crate::store::{FileStore, MeasuredStore, PgStore, create_private_dir};
+use crate::sync::{CloudSync, LocalSync, SyncSide};
 use crate::usage_log::UsageLog;
 
 /// The tenant of every local-mode conversation.
@@ -46,7 +47,7 @@ pub struct Application {
     /// Cloud mode: flushed once more at shutdown.
     authenticator: Option<Arc<Authenticator>>,
     /// Work that lives as long as the server, stopped with it.
-    _background: BackgroundTasks,
+    background: BackgroundTasks,
     /// Raised on SIGTERM/SIGINT; `/health/ready` then answers 503 for `drain`.
     draining: Arc<AtomicBool>,
     drain: Duration,
@@ -55,11 +56,17 @@ pub struct Application {
 /// Tasks that serve the server (e.g. following key changes); aborted when dropped.
 struct BackgroundTasks(Vec<AbortHandle>);
 
-impl Drop for BackgroundTasks {
-    fn drop(&mut self) {
+impl BackgroundTasks {
+    fn stop(&self) {
         for task in &self.0 {
             task.abort();
         }
+    }
+}
+
+impl Drop for BackgroundTasks {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -123,12 +130,24 @@ impl Application {
         write_port_file(&port_file, port)?;
         let local = LocalInstance {
             _lock: lock,
-            store,
+            store: store.clone(),
             port_file,
             port,
         };
 
-        let state = app_state(service, &settings, Some(LOCAL_TENANT.to_owned()));
+        let sync = LocalSync::new(
+            data_dir,
+            store.clone(),
+            settings.sync.clone(),
+            Arc::clone(&metrics),
+        )?;
+        let background = BackgroundTasks(vec![tokio::spawn(sync.clone().run()).abort_handle()]);
+        let state = app_state(
+            service,
+            &settings,
+            Some(LOCAL_TENANT.to_owned()),
+            SyncSide::Local(sync),
+        );
         let draining = Arc::clone(&state.draining);
         let server = serve(listener, state, metrics, &settings, None)?;
         tracing::info!(
@@ -142,7 +161,7 @@ impl Application {
             server,
             local: Some(local),
             authenticator: None,
-            _background: BackgroundTasks(Vec::new()),
+            background,
             draining,
             drain: settings.drain,
         })
@@ -174,6 +193,7 @@ impl Application {
             tokio::spawn(idempotency.clone().prune_periodically()).abort_handle(),
         ]);
 
+        let sync = SyncSide::Cloud(CloudSync::new(pool.clone()));
         let service = ConversationService::new(
             Arc::new(MeasuredStore::new(
                 Arc::new(PgStore::new(pool)),
@@ -197,7 +217,7 @@ impl Application {
             .burst_size(UNVERIFIED_BURST)
             .finish()
             .context("invalid limit on unverified keys")?;
-        let state = app_state(service, &settings, None);
+        let state = app_state(service, &settings, None, sync);
         let draining = Arc::clone(&state.draining);
         let server = serve(
             listener,
@@ -216,7 +236,7 @@ impl Application {
             server,
             local: None,
             authenticator: Some(authenticator),
-            _background: background,
+            background,
             draining,
             drain: settings.drain,
         })
@@ -251,6 +271,8 @@ impl Application {
         if let Some(authenticator) = &self.authenticator {
             authenticator.flush_last_used().await;
         }
+        // Sync (local mode) stops before the store closes under it.
+        self.background.stop();
         if let Some(local) = &self.local {
             let store = local.store.clone();
             if let Err(e) = tokio::task::spawn_blocking(move || store.close()).await {
@@ -275,6 +297,7 @@ fn app_state(
     service: ConversationService,
     settings: &Settings,
     local_tenant: Option<String>,
+    sync: SyncSide,
 ) -> web::Data<AppState> {
     web::Data::new(AppState {
         service,
@@ -285,6 +308,7 @@ fn app_state(
         draining: Arc::new(AtomicBool::new(false)),
         metrics_token: settings.metrics_token.clone(),
         body_timeout: settings.body_timeout,
+        sync,
     })
 }
 
@@ -299,6 +323,7 @@ fn serve(
     let cors_origins = settings.cors_origins.clone();
     let local = settings.mode == Mode::Local;
     let limiter = web::Data::new(KeyRateLimiter::default());
+    let sync_quota = web::Data::new(SyncQuota(settings.sync.quota));
     let metrics = web::Data::from(metrics);
     let (gate, authenticator) = cloud.unzip();
     let authenticator = authenticator.map(web::Data::from);
@@ -306,7 +331,8 @@ fn serve(
         let mut app = App::new()
             .app_data(state.clone())
             .app_data(metrics.clone())
-            .app_data(limiter.clone());
+            .app_data(limiter.clone())
+            .app_data(sync_quota.clone());
         if let Some(authenticator) = &authenticator {
             app = app.app_data(authenticator.clone());
         }

@@ -9,6 +9,7 @@ use super::errors::ApiError;
 use super::{AppState, openapi, parse_number};
 use crate::domain::{ConversationId, UserId, conversation_order};
 use crate::store::Owner;
+use crate::sync::SyncSide;
 
 const DEFAULT_CONVERSATIONS: usize = 20;
 const MAX_CONVERSATIONS: usize = 100;
@@ -94,6 +95,10 @@ pub async fn get(
     let owner = query.owner(&caller)?;
     let limit = query.limit(DEFAULT_MESSAGES, MAX_MESSAGES)?;
     let after_seq: i64 = parse_number("after_seq", query.after_seq.as_deref(), 0)?;
+    // What the cloud holds for it comes first, when the cloud answers at once.
+    if let SyncSide::Local(sync) = &state.sync {
+        sync.refresh().await;
+    }
     let mut messages = state
         .service
         .store()

@@ -8,6 +8,7 @@ use actix_web::{HttpResponse, web};
 use serde_json::json;
 
 use super::AppState;
+use crate::sync::SyncSide;
 
 #[utoipa::path(
     get,
@@ -18,13 +19,24 @@ use super::AppState;
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let storage = state.service.store().check().await;
     let body = |status: &str, storage: &str| {
-        json!({
+        let mut body = json!({
             "status": status,
             "version": env!("CARGO_PKG_VERSION"),
             "mode": state.mode.as_str(),
             "storage": storage,
             "uptime_seconds": state.started.elapsed().as_secs(),
-        })
+        });
+        // Local mode: how sync with the cloud stands (never a reason to be unhealthy).
+        if let SyncSide::Local(sync) = &state.sync {
+            let sync = sync.status();
+            body["sync"] = json!({
+                "state": sync.state,
+                "reachable": sync.reachable,
+                "pending": sync.pending,
+                "last_success": sync.last_success,
+            });
+        }
+        body
     };
     match storage {
         Ok(()) => HttpResponse::Ok().json(body("healthy", "ok")),

@@ -10,6 +10,7 @@ mod metrics;
 pub mod middleware;
 pub mod openapi;
 pub mod request_id;
+mod sync;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -28,6 +29,8 @@ use actix_web::{HttpRequest, Scope, web};
 use crate::auth::middleware::{UnverifiedByAddress, require_api_key};
 use crate::config::Mode;
 use crate::service::ConversationService;
+use crate::sync::SyncSide;
+use crate::sync::protocol::MAX_PUSH_BYTES;
 use errors::ApiError;
 
 /// What the handlers share.
@@ -43,6 +46,7 @@ pub struct AppState {
     pub metrics_token: Option<SecretString>,
     /// How long a request body may take to arrive.
     pub body_timeout: std::time::Duration,
+    pub sync: SyncSide,
 }
 
 /// Cloud mode's gate on `/api`: unverified keys limited per address, then the key required.
@@ -118,6 +122,31 @@ fn api_routes() -> Scope {
                 .route(web::get().to(conversations::get))
                 .route(web::delete().to(conversations::delete))
                 .default_service(web::to(only("GET, DELETE"))),
+        )
+        .service(
+            web::resource("/maestra/sync")
+                .route(web::get().to(sync::status))
+                .default_service(web::to(only("GET"))),
+        )
+        .service(
+            web::resource("/maestra/sync/now")
+                .route(web::post().to(sync::now))
+                .default_service(web::to(only("POST"))),
+        )
+        .service(
+            web::resource("/maestra/sync/push")
+                .app_data(
+                    web::JsonConfig::default()
+                        .limit(MAX_PUSH_BYTES)
+                        .error_handler(json_error),
+                )
+                .route(web::post().to(sync::push))
+                .default_service(web::to(only("POST"))),
+        )
+        .service(
+            web::resource("/maestra/sync/pull")
+                .route(web::post().to(sync::pull))
+                .default_service(web::to(only("POST"))),
         )
         .default_service(web::to(not_found))
 }

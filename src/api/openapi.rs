@@ -33,13 +33,18 @@ use crate::config::Mode;
         super::conversations::list,
         super::conversations::get,
         super::conversations::delete,
+        super::sync::push,
+        super::sync::pull,
+        super::sync::status,
+        super::sync::now,
     ),
     // The response bodies (request bodies are collected on their own).
-    components(schemas(ErrorEnvelope, Health, Liveness, Readiness, CoreResponse, AdvisorAnswer, ConversationList, MessagePage, Deleted)),
+    components(schemas(ErrorEnvelope, Health, Liveness, Readiness, CoreResponse, AdvisorAnswer, ConversationList, MessagePage, Deleted, SyncPushed, SyncPulled, SyncStatus)),
     modifiers(&RequestIds, &ApiKeys),
     tags(
         (name = "service", description = "The service itself"),
         (name = "conversations", description = "Messages in, replies out, conversations read and erased"),
+        (name = "sync", description = "Local installs and the cloud as one conversation space: the cloud takes pushes and answers pulls; a local server says how its sync stands"),
     )
 )]
 struct ApiDoc;
@@ -49,6 +54,14 @@ pub fn document(mode: Mode) -> Document {
     let mut document = ApiDoc::openapi();
     // utoipa fills the license from Cargo.toml, which names none: an empty name is not valid.
     document.info.license = None;
+    // Each mode serves its own side of sync.
+    let other_side: &[&str] = match mode {
+        Mode::Local => &["/api/maestra/sync/push", "/api/maestra/sync/pull"],
+        Mode::Cloud => &["/api/maestra/sync", "/api/maestra/sync/now"],
+    };
+    for path in other_side {
+        document.paths.paths.remove(*path);
+    }
     if mode == Mode::Local {
         for item in document.paths.paths.values_mut() {
             for operation in [&mut item.get, &mut item.post, &mut item.delete]
@@ -195,6 +208,129 @@ pub struct Health {
     pub mode: ServerMode,
     pub storage: StorageState,
     pub uptime_seconds: u64,
+    /// Local mode: how sync with the cloud stands.
+    #[schema(nullable = false)]
+    pub sync: Option<HealthSync>,
+}
+
+#[derive(ToSchema)]
+pub struct HealthSync {
+    pub state: SyncState,
+    /// Whether the cloud answered the last attempt (null before the first).
+    pub reachable: Option<bool>,
+    /// Records written here that the cloud does not have yet.
+    pub pending: u64,
+    pub last_success: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+pub enum SyncState {
+    Off,
+    NotSetUp,
+    Starting,
+    Ok,
+    Offline,
+    Unauthorized,
+    Error,
+}
+
+/// `GET /api/maestra/sync`: how sync with the cloud stands (local mode).
+#[derive(ToSchema)]
+pub struct SyncStatus {
+    pub state: SyncState,
+    /// The cloud synced with.
+    #[schema(nullable = false)]
+    pub url: Option<String>,
+    pub reachable: Option<bool>,
+    pub pending: u64,
+    pub last_success: Option<chrono::DateTime<chrono::Utc>>,
+    /// Why the last round failed.
+    #[schema(nullable = false)]
+    pub error: Option<String>,
+    /// Records sent to the cloud since this server started.
+    pub pushed: u64,
+    /// Records received from the cloud since this server started.
+    pub pulled: u64,
+}
+
+/// A change to one of a user's conversations. Unknown fields are refused.
+#[derive(ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SyncRecord {
+    /// A message, as its writer stored it.
+    Message {
+        #[schema(pattern = "^[A-Za-z0-9._@-]{1,128}$")]
+        user_id: String,
+        #[schema(pattern = "^[A-Za-z0-9_-]{1,128}$")]
+        conversation_id: String,
+        /// The message's id, the same everywhere.
+        #[schema(pattern = "^[A-Za-z0-9_-]{1,128}$")]
+        id: String,
+        role: Role,
+        #[schema(pattern = "^[A-Za-z0-9._@-]{1,128}$")]
+        surface_id: String,
+        /// At most 1 MiB.
+        content: String,
+        created_at: chrono::DateTime<chrono::Utc>,
+        #[schema(nullable = false, max_length = 256)]
+        model: Option<String>,
+        #[schema(nullable = false)]
+        usage: Option<Usage>,
+        /// Pulled records: where it was written (`cloud`, or an install's id).
+        #[schema(nullable = false)]
+        origin: Option<String>,
+    },
+    /// A conversation deleted: its messages stamped up to `deleted_at` are erased.
+    Deletion {
+        #[schema(pattern = "^[A-Za-z0-9._@-]{1,128}$")]
+        user_id: String,
+        #[schema(pattern = "^[A-Za-z0-9_-]{1,128}$")]
+        conversation_id: String,
+        deleted_at: chrono::DateTime<chrono::Utc>,
+        #[schema(nullable = false)]
+        origin: Option<String>,
+    },
+}
+
+/// An install's changes, oldest first (at most 500 records, 8 MiB).
+#[derive(ToSchema)]
+pub struct SyncPush {
+    /// The install that sends them.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,128}$")]
+    pub origin: String,
+    #[schema(max_items = 500)]
+    pub records: Vec<SyncRecord>,
+}
+
+/// What the cloud did with a push; the same push again adds nothing.
+#[derive(ToSchema)]
+pub struct SyncPushed {
+    pub accepted: u64,
+    pub added: u64,
+    pub duplicates: u64,
+    pub dropped: u64,
+}
+
+/// Per user, the feed position read up to; what the asking install pushed is left out.
+#[derive(ToSchema)]
+pub struct SyncPull {
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,128}$")]
+    pub origin: String,
+    /// User id → position (0: from the start); at most 100 users.
+    pub cursors: std::collections::HashMap<String, i64>,
+    /// 1-500 (default 500).
+    #[schema(minimum = 1, maximum = 500)]
+    pub limit: Option<u32>,
+}
+
+#[derive(ToSchema)]
+pub struct SyncPulled {
+    pub records: Vec<SyncRecord>,
+    /// Per user, the position to ask from next time.
+    pub cursors: std::collections::HashMap<String, i64>,
+    /// More records wait: ask again.
+    pub more: bool,
 }
 
 /// `GET /health/live`: the process answers.
@@ -311,7 +447,8 @@ pub struct ConversationSummary {
 pub struct MessagePage {
     pub conversation_id: String,
     pub user_id: String,
-    /// In order of `seq`.
+    /// The messages with the lowest seqs after `after_seq`, in the conversation's order
+    /// (`created_at`, then `id`: the same on every server that holds them).
     pub messages: Vec<Message>,
     /// The `after_seq` of the next page; null on the last page.
     #[schema(required = true)]
@@ -333,6 +470,9 @@ pub struct Message {
     /// Replies only.
     #[schema(nullable = false)]
     pub usage: Option<Usage>,
+    /// Synced here from elsewhere: where it was written (`cloud`, or a local install's id).
+    #[schema(nullable = false)]
+    pub origin: Option<String>,
 }
 
 #[derive(ToSchema)]
@@ -597,6 +737,72 @@ pub enum DeleteResponses {
     /// The storage cannot be reached.
     #[response(status = 503)]
     StorageUnavailable(ErrorEnvelope),
+    /// Any other failure.
+    #[response(status = "default")]
+    Other(ErrorEnvelope),
+}
+
+#[derive(IntoResponses)]
+pub enum SyncPushResponses {
+    /// Stored, whole.
+    #[response(status = 200)]
+    Pushed(SyncPushed),
+    /// Malformed JSON, or a record that is not valid (the message names it); nothing stored.
+    #[response(status = 400)]
+    InvalidRequest(ErrorEnvelope),
+    /// The API key is missing, unknown, revoked or expired.
+    #[response(status = 401)]
+    Unauthorized(ErrorEnvelope),
+    /// More than 500 records, or more than 8 MiB; nothing stored.
+    #[response(status = 413)]
+    PayloadTooLarge(ErrorEnvelope),
+    /// The body is not sent as application/json.
+    #[response(status = 415)]
+    UnsupportedMediaType(ErrorEnvelope),
+    /// The key's sync quota is used up (see Retry-After); its chat quota is apart.
+    #[response(status = 429)]
+    RateLimited(ErrorEnvelope),
+    /// The storage cannot be reached; nothing stored.
+    #[response(status = 503)]
+    StorageUnavailable(ErrorEnvelope),
+    /// Any other failure.
+    #[response(status = "default")]
+    Other(ErrorEnvelope),
+}
+
+#[derive(IntoResponses)]
+pub enum SyncPullResponses {
+    /// The records after each cursor.
+    #[response(status = 200)]
+    Pulled(SyncPulled),
+    /// Malformed JSON, or a field that is not valid (the message names it).
+    #[response(status = 400)]
+    InvalidRequest(ErrorEnvelope),
+    /// The API key is missing, unknown, revoked or expired.
+    #[response(status = 401)]
+    Unauthorized(ErrorEnvelope),
+    /// The body is larger than allowed.
+    #[response(status = 413)]
+    PayloadTooLarge(ErrorEnvelope),
+    /// The body is not sent as application/json.
+    #[response(status = 415)]
+    UnsupportedMediaType(ErrorEnvelope),
+    /// The key's sync quota is used up (see Retry-After).
+    #[response(status = 429)]
+    RateLimited(ErrorEnvelope),
+    /// The storage cannot be reached.
+    #[response(status = 503)]
+    StorageUnavailable(ErrorEnvelope),
+    /// Any other failure.
+    #[response(status = "default")]
+    Other(ErrorEnvelope),
+}
+
+#[derive(IntoResponses)]
+pub enum SyncStatusResponses {
+    /// How sync stands (after the round, for `now`).
+    #[response(status = 200)]
+    Status(SyncStatus),
     /// Any other failure.
     #[response(status = "default")]
     Other(ErrorEnvelope),

@@ -18,7 +18,14 @@ use actix_web::{Error, HttpMessage, HttpResponse, HttpResponseBuilder, ResponseE
 use super::{AuthError, Authenticator, Principal};
 use crate::api::errors::ApiError;
 use crate::metrics::Metrics;
-use crate::ratelimit::{Decision, KeyRateLimiter, retry_after_seconds};
+use crate::ratelimit::{Decision, KeyRateLimiter, Quota, retry_after_seconds};
+
+/// Requests under this path count against a key's sync quota.
+const SYNC_PATH: &str = "/api/maestra/sync/";
+
+/// Each key's quota for sync requests (cloud mode).
+#[derive(Debug, Clone, Copy)]
+pub struct SyncQuota(pub Quota);
 
 /// The key a client presented, from either header.
 pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
@@ -71,13 +78,20 @@ pub async fn require_api_key(
     tracing::Span::current().record("tenant.id", principal.tenant_id.as_str());
     tracing::Span::current().record("key.id", principal.key_id.as_str());
 
-    match limiter.check(&principal.key_id, principal.quota) {
+    // Sync has a quota of its own, so an install catching up never eats the chat quota.
+    let (bucket, quota, what) = match req.app_data::<web::Data<SyncQuota>>() {
+        Some(sync) if req.path().starts_with(SYNC_PATH) => {
+            (principal.key_id.for_bucket("sync"), sync.0, "sync quota")
+        }
+        _ => (principal.key_id.clone(), principal.quota, "quota"),
+    };
+    match limiter.check(&bucket, quota) {
         Decision::Limited { limit, retry_after } => {
             metrics.rate_limited.with_label_values(&["key"]).inc();
             let seconds = retry_after_seconds(retry_after);
             let mut response = ApiError::RateLimited(format!(
-                "this key's quota of {limit} requests per {} s is used up; retry in {seconds} s",
-                principal.quota.window.as_secs()
+                "this key's {what} of {limit} requests per {} s is used up; retry in {seconds} s",
+                quota.window.as_secs()
             ))
             .error_response();
             set_limit_headers(response.headers_mut(), limit, 0);

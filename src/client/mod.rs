@@ -118,6 +118,9 @@ pub struct BackendHealth {
     pub latency_ms: Option<f64>,
     /// Why it is not healthy.
     pub detail: Option<String>,
+    /// The local server's sync with the cloud, as its `/health` tells it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync: Option<Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -456,6 +459,7 @@ async fn health_of(target: &Target) -> BackendHealth {
         mode: None,
         latency_ms: None,
         detail: None,
+        sync: None,
     };
     let response = match sent {
         Ok(response) => response,
@@ -475,6 +479,7 @@ async fn health_of(target: &Target) -> BackendHealth {
     };
     health.version = field("version");
     health.mode = field("mode");
+    health.sync = body.as_ref().and_then(|b| b.get("sync")).cloned();
     let reported = field("status");
     health.healthy = status == StatusCode::OK && reported.as_deref() == Some("healthy");
     health.status = match reported {

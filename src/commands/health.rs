@@ -64,6 +64,17 @@ fn table(report: &HealthReport, fallback_enabled: bool) -> String {
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }
+    if let Some(sync) = &report.local.sync {
+        let text = |name: &str| sync.get(name).and_then(|v| v.as_str()).unwrap_or("-");
+        out.push_str(&format!(
+            "sync with the cloud: {} (pending {}, last success {})\n",
+            text("state"),
+            sync.get("pending")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0),
+            text("last_success")
+        ));
+    }
     out.push_str(&format!(
         "fallback to the cloud: {}\n",
         if fallback_enabled {

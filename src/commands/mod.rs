@@ -8,6 +8,7 @@ pub mod keys;
 pub mod mcp;
 pub mod migrate;
 pub mod serve;
+pub mod sync;
 pub mod usage;
 
 use crate::config::Settings;

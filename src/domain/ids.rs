@@ -93,6 +93,15 @@ id_type!(
     ConversationId, "conversation_id", is_conversation_char, "A-Z a-z 0-9 _ -"
 );
 
+id_type!(
+    /// A message's id: the same on every server that holds the message.
+    MessageId, "id", is_conversation_char, "A-Z a-z 0-9 _ -"
+);
+id_type!(
+    /// A local install, as sync names it (its records' origin).
+    OriginId, "origin", is_conversation_char, "A-Z a-z 0-9 _ -"
+);
+
 impl ConversationId {
     /// A fresh id for a conversation the client did not name.
     pub fn generate() -> Self {

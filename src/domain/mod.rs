@@ -4,7 +4,7 @@ mod ids;
 mod message;
 mod turn;
 
-pub use ids::{ConversationId, SurfaceId, TenantId, UserId};
+pub use ids::{ConversationId, MessageId, OriginId, SurfaceId, TenantId, UserId};
 pub use message::{
     Message, MessageText, MessageTextError, NewMessage, Role, Usage, conversation_order, is_blank,
     next_created_at, to_micros,

@@ -16,6 +16,7 @@ use crate::domain::{ConversationId, Message, NewMessage, UserId};
 pub use file::{Applied, FileCursor, FileStore, create_private_dir};
 pub use measured::MeasuredStore;
 pub use postgres::{PgStore, is_unavailable};
+pub(crate) use postgres::{role_name, role_of, usage_of};
 
 /// Who may see a conversation: the user, within a tenant (local mode has one tenant).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

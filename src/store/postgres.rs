@@ -51,34 +51,42 @@ impl<'r> FromRow<'r, PgRow> for Message {
             index: column.to_owned(),
             source: Box::new(e),
         };
-        let role = match row.try_get::<&str, _>("role")? {
-            "user" => Role::User,
-            _ => Role::Assistant,
-        };
-        let prompt_tokens: Option<i64> = row.try_get("prompt_tokens")?;
-        let completion_tokens: Option<i64> = row.try_get("completion_tokens")?;
-        let cost_usd: Option<f64> = row.try_get("cost_usd")?;
-        let usage = match (prompt_tokens, completion_tokens, cost_usd) {
-            (Some(p), Some(c), Some(cost)) => Some(Usage {
-                prompt_tokens: u64::try_from(p).unwrap_or_default(),
-                completion_tokens: u64::try_from(c).unwrap_or_default(),
-                cost_usd: cost,
-            }),
-            _ => None,
-        };
         Ok(Message {
             id: row.try_get("id")?,
             seq: row.try_get("seq")?,
-            role,
+            role: role_of(row)?,
             surface_id: SurfaceId::parse(row.try_get("surface_id")?)
                 .map_err(|e| decode("surface_id", e))?,
             content: row.try_get("content")?,
             created_at: row.try_get("created_at")?,
             model: row.try_get("model")?,
-            usage,
+            usage: usage_of(row)?,
             origin: row.try_get("origin")?,
         })
     }
+}
+
+/// A message row's role.
+pub(crate) fn role_of(row: &PgRow) -> Result<Role, sqlx::Error> {
+    Ok(match row.try_get::<&str, _>("role")? {
+        "user" => Role::User,
+        _ => Role::Assistant,
+    })
+}
+
+/// A message row's usage (replies only).
+pub(crate) fn usage_of(row: &PgRow) -> Result<Option<Usage>, sqlx::Error> {
+    let prompt_tokens: Option<i64> = row.try_get("prompt_tokens")?;
+    let completion_tokens: Option<i64> = row.try_get("completion_tokens")?;
+    let cost_usd: Option<f64> = row.try_get("cost_usd")?;
+    Ok(match (prompt_tokens, completion_tokens, cost_usd) {
+        (Some(p), Some(c), Some(cost)) => Some(Usage {
+            prompt_tokens: u64::try_from(p).unwrap_or_default(),
+            completion_tokens: u64::try_from(c).unwrap_or_default(),
+            cost_usd: cost,
+        }),
+        _ => None,
+    })
 }
 
 impl From<sqlx::Error> for StoreError {
