@@ -117,6 +117,8 @@ pub struct SyncSettings {
     pub enabled: bool,
     /// Local mode: how often to look for the cloud's changes (and retry) when idle.
     pub interval: Duration,
+    /// Local mode: records per push and per pull page (1-500).
+    pub batch: usize,
     /// Cloud mode: each key's quota for sync requests, apart from its chat quota.
     pub quota: Quota,
 }
@@ -158,6 +160,7 @@ struct Raw {
     body_timeout_seconds: Option<String>,
     sync: Option<String>,
     sync_interval: Option<String>,
+    sync_batch: Option<String>,
     sync_rate_limit_requests: Option<String>,
     sync_rate_limit_window: Option<String>,
     // The model provider (parsed in config/llm.rs).
@@ -303,6 +306,20 @@ impl Settings {
                     )?
                     .get(),
                 )),
+                batch: match parse_count(
+                    "MAESTRA_SYNC_BATCH",
+                    &required("MAESTRA_SYNC_BATCH", raw.sync_batch)?,
+                )?
+                .get()
+                {
+                    n @ 1..=500 => n as usize,
+                    n => {
+                        return Err(ConfigError::new(
+                            "MAESTRA_SYNC_BATCH",
+                            format!("{n} is more than 500 records"),
+                        ));
+                    }
+                },
                 quota: Quota {
                     requests: parse_count(
                         "MAESTRA_SYNC_RATE_LIMIT_REQUESTS",

@@ -25,9 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
 use super::link::{self, CloudLink};
-use super::protocol::{
-    CLOUD_ORIGIN, MAX_RECORDS, PullRequest, PullResponse, PushRequest, PushResponse, Record,
-};
+use super::protocol::{CLOUD_ORIGIN, PullRequest, PullResponse, PushRequest, PushResponse, Record};
 use crate::config::SyncSettings;
 use crate::domain::{ConversationId, Message, OriginId, UserId};
 use crate::metrics::Metrics;
@@ -190,10 +188,16 @@ struct Engine {
     status: Mutex<SyncStatus>,
     /// Raised by `now` and by reads: run a round without waiting for the interval.
     asked: Notify,
-    /// Counts finished rounds, for those waiting on one.
-    rounds: watch::Sender<u64>,
+    /// Rounds started and finished, for those waiting on one.
+    rounds: watch::Sender<Rounds>,
     /// The users who have conversations here, found at start and while sending.
     users: Mutex<BTreeSet<UserId>>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Rounds {
+    started: u64,
+    finished: u64,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -239,7 +243,7 @@ impl LocalSync {
                 http,
                 status: Mutex::new(SyncStatus::new(state)),
                 asked: Notify::new(),
-                rounds: watch::Sender::new(0),
+                rounds: watch::Sender::new(Rounds::default()),
                 users: Mutex::new(BTreeSet::new()),
             }),
         })
@@ -253,10 +257,11 @@ impl LocalSync {
     /// `timeout` with how things stand.
     pub async fn now(&self, timeout: Duration) -> SyncStatus {
         let mut rounds = self.engine.rounds.subscribe();
-        let seen = *rounds.borrow_and_update();
+        // A round under way may have looked before this call: the next one to start counts.
+        let wanted = rounds.borrow_and_update().started + 1;
         if self.status().state != SyncState::Off {
             self.engine.asked.notify_one();
-            let _ = tokio::time::timeout(timeout, rounds.wait_for(|&n| n > seen)).await;
+            let _ = tokio::time::timeout(timeout, rounds.wait_for(|r| r.finished >= wanted)).await;
         }
         self.status()
     }
@@ -298,6 +303,7 @@ impl LocalSync {
                     false
                 }
             };
+            engine.rounds.send_modify(|r| r.started += 1);
             let outcome = engine.round(&mut state, &mut refused_link, asked).await;
             match outcome {
                 Ok(()) => {
@@ -316,7 +322,7 @@ impl LocalSync {
                     engine.failed(&e);
                 }
             }
-            engine.rounds.send_modify(|n| *n += 1);
+            engine.rounds.send_modify(|r| r.finished = r.started);
         }
     }
 }
@@ -353,10 +359,6 @@ impl Engine {
             }
             Err(e) => return Err(e),
         };
-        // A refused key is not tried again until another is saved (or sync is asked for).
-        if *refused_link == Some(saved) && !asked {
-            return Err(SyncError::Unauthorized);
-        }
         if state.cloud.as_deref() != Some(link.url.as_str()) {
             *state = State {
                 cloud: Some(link.url.to_string()),
@@ -375,6 +377,10 @@ impl Engine {
         let outgoing = self.outgoing(state).await?;
         let pending: usize = outgoing.iter().map(|o| o.records.len()).sum();
         self.set_pending(pending as u64);
+        // A refused key is not tried again until another is saved (or sync is asked for).
+        if *refused_link == Some(saved) && !asked {
+            return Err(SyncError::Unauthorized);
+        }
 
         let result = async {
             self.pull(&link, state).await?;
@@ -470,7 +476,7 @@ impl Engine {
                     .iter()
                     .map(|user| (user.clone(), state.pulled.get(user).copied().unwrap_or(0)))
                     .collect(),
-                limit: Some(MAX_RECORDS),
+                limit: Some(self.settings.batch),
             };
             let response: PullResponse =
                 self.call(link, "/api/maestra/sync/pull", &request).await?;
@@ -596,7 +602,7 @@ impl Engine {
             for record in records {
                 let size = serde_json::to_vec(&record).map_or(0, |bytes| bytes.len());
                 if !batch.is_empty()
-                    && (batch.len() == MAX_RECORDS || batch_bytes + size > MAX_PUSH_BYTES)
+                    && (batch.len() >= self.settings.batch || batch_bytes + size > MAX_PUSH_BYTES)
                 {
                     remaining -= batch.len();
                     self.send(link, std::mem::take(&mut batch)).await?;

@@ -25,4 +25,5 @@ mod reliability;
 mod schema;
 mod store;
 mod streaming;
+mod sync;
 mod usage;

@@ -120,6 +120,7 @@ async fn every_route_is_documented_and_local_responses_match_the_document() {
             "delete /api/maestra/conversations/{conversation_id}",
             "get /api/maestra/conversations",
             "get /api/maestra/conversations/{conversation_id}",
+            "get /api/maestra/sync",
             "get /health",
             "get /health/live",
             "get /health/ready",
@@ -127,6 +128,7 @@ async fn every_route_is_documented_and_local_responses_match_the_document() {
             "get /openapi.json",
             "post /api/maestra/advisor/ask",
             "post /api/maestra/core",
+            "post /api/maestra/sync/now",
         ]
     );
     // Local mode asks for no key.
@@ -147,6 +149,25 @@ async fn every_route_is_documented_and_local_responses_match_the_document() {
     contract
         .check("/openapi.json", "get", app.get("/openapi.json").await)
         .await;
+    assert_eq!(health["sync"]["state"], "not_set_up");
+    let (_, sync) = contract
+        .check(
+            "/api/maestra/sync",
+            "get",
+            app.get("/api/maestra/sync").await,
+        )
+        .await;
+    assert_eq!(sync["state"], "not_set_up");
+    let now = app
+        .client
+        .post(format!("{}/api/maestra/sync/now", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        contract.check("/api/maestra/sync/now", "post", now).await.0,
+        200
+    );
 
     // The request schema takes what the server takes, and refuses what it refuses.
     let request = contract.request_schema(CORE, "post").clone();
@@ -326,6 +347,78 @@ async fn the_cloud_document_names_its_keys_and_cloud_responses_match_it(
         .await
         .unwrap();
     assert_eq!(contract.check(LIST, "get", bearer).await.0, 200);
+
+    // Sync: what installs push and pull, as documented; each mode documents its own side.
+    assert!(
+        contract.document["paths"]
+            .get("/api/maestra/sync/now")
+            .is_none()
+    );
+    const PUSH: &str = "/api/maestra/sync/push";
+    const PULL: &str = "/api/maestra/sync/pull";
+    let record = json!({"kind": "message", "user_id": "ana", "conversation_id": "conv_s",
+                        "id": "msg_s1", "role": "user", "surface_id": "cli", "content": "hi",
+                        "created_at": "2026-11-01T00:00:00Z"});
+    let push = json!({"origin": "inst_doc", "records": [record,
+        {"kind": "deletion", "user_id": "ana", "conversation_id": "conv_gone",
+         "deleted_at": "2026-11-01T00:00:00Z"}]});
+    contract.assert_fits(
+        &contract.request_schema(PUSH, "post").clone(),
+        &push,
+        "a push",
+    );
+    let pushes = [
+        (push.clone(), 200),
+        (
+            json!({"origin": "inst_doc", "records": [{"kind": "message"}]}),
+            400,
+        ),
+        (json!({"origin": "inst_doc"}), 400),
+    ];
+    for (body, expected) in pushes {
+        let response = cloud
+            .request(Method::POST, PUSH, Some(&cloud.api_key))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            contract.check(PUSH, "post", response).await.0,
+            expected,
+            "{body}"
+        );
+    }
+    let pull = json!({"origin": "inst_other", "cursors": {"ana": 0}, "limit": 10});
+    contract.assert_fits(
+        &contract.request_schema(PULL, "post").clone(),
+        &pull,
+        "a pull",
+    );
+    for (body, expected) in [
+        (pull, 200),
+        (json!({"origin": "inst_other", "cursors": {"ana": -1}}), 400),
+    ] {
+        let response = cloud
+            .request(Method::POST, PULL, Some(&cloud.api_key))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let (status, pulled) = contract.check(PULL, "post", response).await;
+        assert_eq!(status, expected, "{body}");
+        if status == 200 {
+            let records = pulled["records"].as_array().unwrap();
+            assert!(records.iter().any(|r| r["id"] == "msg_s1"), "{pulled}");
+            assert!(records.iter().any(|r| r["kind"] == "deletion"), "{pulled}");
+        }
+    }
+    let unauthorized = cloud
+        .request(Method::POST, PULL, None)
+        .json(&json!({"origin": "inst_other", "cursors": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(contract.check(PULL, "post", unauthorized).await.0, 401);
 
     let (_, limited_key) = cloud.create_key("acme", Some((1, 60))).await;
     cloud.core(&limited_key, &body).await;

@@ -1,0 +1,818 @@
+//! Sync between a local server and a cloud server (on its own fresh database), both over real
+//! HTTP on loopback; the cloud behind a TCP proxy the test can cut.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::clients::{maestra, text};
+use crate::helpers::{CloudApp, TcpProxy, TestApp, spawn_app_with, spawn_cloud_app};
+use maestra::domain::UserId;
+use maestra::sync::CloudLink;
+
+/// A conversation as a server lists it: (message id, content), in the order it shows them.
+pub type Listing = Vec<(String, String)>;
+
+/// A local server syncing with `cloud_url` for `ana`, every second.
+pub async fn linked_local(cloud_url: &str, key: &str, vars: &[(&str, &str)]) -> TestApp {
+    let mut all = vec![("MAESTRA_SYNC_INTERVAL", "1")];
+    all.extend_from_slice(vars);
+    let local = spawn_app_with(&all).await;
+    link(local.data_dir.path(), cloud_url, key);
+    local
+}
+
+pub fn link(data_dir: &std::path::Path, cloud_url: &str, key: &str) {
+    CloudLink {
+        url: cloud_url.parse().unwrap(),
+        api_key: secrecy::SecretString::from(key.to_owned()),
+        users: vec![UserId::parse("ana").unwrap()],
+    }
+    .save(data_dir)
+    .unwrap();
+}
+
+/// Asks the local server for a round now; its status after it.
+pub async fn sync_now(local: &TestApp) -> Value {
+    let response = local
+        .client
+        .post(format!("{}/api/maestra/sync/now", local.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+/// Syncs until a round completes (the cloud may need a moment after coming back).
+pub async fn synced(local: &TestApp) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = sync_now(local).await;
+        if status["state"] == "ok" && status["pending"] == 0 {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "sync never completed: {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every message of a user's conversation, following the pages, in the order listed.
+pub async fn listing(
+    client: &reqwest::Client,
+    base: &str,
+    key: Option<&str>,
+    user: &str,
+    conversation: &str,
+) -> Listing {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let mut request = client.get(format!(
+            "{base}/api/maestra/conversations/{conversation}?user_id={user}&after_seq={after}&limit=1000"
+        ));
+        if let Some(key) = key {
+            request = request.header("X-API-Key", key);
+        }
+        let response = request.send().await.unwrap();
+        if response.status() == 404 {
+            return all;
+        }
+        assert_eq!(response.status(), 200, "reading {conversation}");
+        let page: Value = response.json().await.unwrap();
+        for m in page["messages"].as_array().unwrap() {
+            all.push((
+                m["id"].as_str().unwrap().to_owned(),
+                m["content"].as_str().unwrap().to_owned(),
+            ));
+        }
+        match page["next_after_seq"].as_i64() {
+            Some(next) => after = next,
+            None => return all,
+        }
+    }
+}
+
+/// The user's conversation ids on a server.
+pub async fn conversations(
+    client: &reqwest::Client,
+    base: &str,
+    key: Option<&str>,
+    user: &str,
+) -> BTreeSet<String> {
+    let mut ids = BTreeSet::new();
+    let mut offset = 0;
+    loop {
+        let mut request = client.get(format!(
+            "{base}/api/maestra/conversations?user_id={user}&limit=100&offset={offset}"
+        ));
+        if let Some(key) = key {
+            request = request.header("X-API-Key", key);
+        }
+        let page: Value = request.send().await.unwrap().json().await.unwrap();
+        for c in page["conversations"].as_array().unwrap() {
+            ids.insert(c["conversation_id"].as_str().unwrap().to_owned());
+        }
+        match page["next_offset"].as_u64() {
+            Some(next) => offset = next,
+            None => return ids,
+        }
+    }
+}
+
+/// Both sides hold the same conversations, each with the same messages in the same order,
+/// none twice; returns them.
+pub async fn assert_same(
+    local_base: &str,
+    cloud_base: &str,
+    key: &str,
+    user: &str,
+) -> BTreeMap<String, Listing> {
+    let client = reqwest::Client::new();
+    let here = conversations(&client, local_base, None, user).await;
+    let there = conversations(&client, cloud_base, Some(key), user).await;
+    assert_eq!(here, there, "the same conversations on both sides");
+    let mut all = BTreeMap::new();
+    for conversation in here {
+        let local = listing(&client, local_base, None, user, &conversation).await;
+        let cloud = listing(&client, cloud_base, Some(key), user, &conversation).await;
+        assert_eq!(
+            local, cloud,
+            "{conversation}: the same messages in the same order"
+        );
+        let ids: BTreeSet<&String> = local.iter().map(|(id, _)| id).collect();
+        assert_eq!(ids.len(), local.len(), "{conversation}: a message twice");
+        all.insert(conversation, local);
+    }
+    all
+}
+
+async fn say(base: &str, key: Option<&str>, conversation: &str, text: &str) -> Value {
+    let mut request = reqwest::Client::new()
+        .post(format!("{base}/api/maestra/core"))
+        .json(&json!({"user_id": "ana", "surface_id": "cli", "conversation_id": conversation, "message": text}));
+    if let Some(key) = key {
+        request = request.header("X-API-Key", key);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200, "{text}");
+    response.json().await.unwrap()
+}
+
+const METRICS_TOKEN: &str = "metrics-token-for-tests";
+
+/// Requests the cloud refused with 401 so far.
+async fn auth_failures(cloud: &CloudApp) -> f64 {
+    let metrics = cloud.metrics(METRICS_TOKEN).await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("maestra_auth_failures_total "))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// Cloud usage rows (one per reply the cloud made).
+async fn cloud_usage_rows(cloud: &CloudApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM usage")
+        .fetch_one(&cloud.pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_for<F: AsyncFn() -> bool>(what: &str, within: Duration, check: F) -> Duration {
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_conversation_started_with_the_cli_reaches_the_cloud_and_a_mobile_reply_comes_back(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let cloud = spawn_cloud_app(&db, &[]).await;
+    let key = cloud.api_key.clone();
+    let local = linked_local(&cloud.app.address, &key, &[]).await;
+    let home = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+
+    // The CLI, against the local server.
+    let asked = maestra(
+        home.path(),
+        &[
+            ("MAESTRA_LOCAL_URL", local.address.as_str()),
+            ("MAESTRA_USER_ID", "ana"),
+        ],
+        &[
+            "ask",
+            "--conversation",
+            "conv_cli",
+            "Hello from the terminal",
+        ],
+    )
+    .await;
+    assert!(asked.status.success(), "{}", text(&asked.stderr));
+    let local_view = listing(&client, &local.address, None, "ana", "conv_cli").await;
+    assert_eq!(local_view.len(), 2);
+
+    // Mobile sees it, whole and in order, within 2 s.
+    let took = wait_for(
+        "the cloud has the conversation",
+        Duration::from_secs(2),
+        async || {
+            listing(&client, &cloud.app.address, Some(&key), "ana", "conv_cli").await == local_view
+        },
+    )
+    .await;
+    println!("local → cloud in {took:?}");
+
+    // A reply written through the cloud shows locally when the conversation is read...
+    say(
+        &cloud.app.address,
+        Some(&key),
+        "conv_cli",
+        "and from my phone",
+    )
+    .await;
+    let read = listing(&client, &local.address, None, "ana", "conv_cli").await;
+    assert_eq!(read.len(), 4);
+    assert_eq!(read[2].1, "and from my phone");
+    // ...and arrives by itself within the interval (1 s here) when nobody reads.
+    say(
+        &cloud.app.address,
+        Some(&key),
+        "conv_phone",
+        "a new one from my phone",
+    )
+    .await;
+    let file = local.conversations_dir().join("conv_phone.json");
+    wait_for(
+        "the phone's conversation arrives",
+        Duration::from_secs(3),
+        async || file.exists(),
+    )
+    .await;
+    let both = assert_same(&local.address, &cloud.app.address, &key, "ana").await;
+    assert_eq!(both.len(), 2);
+
+    // Each side counted the replies it made, and only those.
+    assert_eq!(local.ledger().len(), 1);
+    assert_eq!(cloud_usage_rows(&cloud).await, 2);
+
+    let health: Value = local.get("/health").await.json().await.unwrap();
+    assert_eq!(health["sync"]["state"], "ok");
+    assert_eq!(health["sync"]["reachable"], true);
+    assert!(health["sync"]["last_success"].is_string());
+    let metrics = local.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("maestra_sync_records_total{direction=\"pushed\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("maestra_sync_pending_records 0"));
+}
+
+#[sqlx::test(migrations = false)]
+async fn turns_made_on_both_sides_while_apart_converge_once_and_in_one_order(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let cloud = spawn_cloud_app(&db, &[]).await;
+    let key = cloud.api_key.clone();
+    let proxy = TcpProxy::start(cloud.app.address.trim_start_matches("http://")).await;
+    let through_proxy = format!("http://127.0.0.1:{}", proxy.port);
+    let local = linked_local(&through_proxy, &key, &[]).await;
+    say(&local.address, None, "conv_shared", "before the cut").await;
+    synced(&local).await;
+
+    proxy.cut();
+    for i in 0..3 {
+        say(&local.address, None, "conv_shared", &format!("laptop {i}")).await;
+        say(
+            &cloud.app.address,
+            Some(&key),
+            "conv_shared",
+            &format!("phone {i}"),
+        )
+        .await;
+        say(
+            &local.address,
+            None,
+            "conv_laptop",
+            &format!("only here {i}"),
+        )
+        .await;
+        say(
+            &cloud.app.address,
+            Some(&key),
+            "conv_phone",
+            &format!("only there {i}"),
+        )
+        .await;
+    }
+    let status = sync_now(&local).await;
+    assert_eq!(status["state"], "offline");
+    assert_eq!(status["reachable"], false);
+    assert_eq!(status["pending"], 12, "6 local turns, 2 messages each");
+    let health: Value = local.get("/health").await.json().await.unwrap();
+    assert_eq!(
+        health["status"], "healthy",
+        "sync is never a reason to be unhealthy"
+    );
+    assert_eq!(health["sync"]["pending"], 12);
+
+    proxy.restore();
+    synced(&local).await;
+    let both = assert_same(&local.address, &cloud.app.address, &key, "ana").await;
+    let shared = &both["conv_shared"];
+    assert_eq!(shared.len(), 2 + 12);
+    // The local turns keep their order among themselves, and so do the cloud's.
+    let texts: Vec<&str> = shared.iter().map(|(_, t)| t.as_str()).collect();
+    let position = |t: &str| texts.iter().position(|x| *x == t).unwrap();
+    assert!(
+        position("laptop 0") < position("laptop 1") && position("laptop 1") < position("laptop 2")
+    );
+    assert!(position("phone 0") < position("phone 1") && position("phone 1") < position("phone 2"));
+    assert_eq!(both["conv_laptop"].len(), 6);
+    assert_eq!(both["conv_phone"].len(), 6);
+
+    // Cost counted once, where each reply was made.
+    assert_eq!(local.ledger().len(), 1 + 6);
+    assert_eq!(cloud_usage_rows(&cloud).await, 6);
+    // Syncing again changes nothing.
+    synced(&local).await;
+    assert_eq!(
+        assert_same(&local.address, &cloud.app.address, &key, "ana").await,
+        both
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn deletions_made_while_apart_reach_the_other_side_and_never_come_back(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let cloud = spawn_cloud_app(&db, &[]).await;
+    let key = cloud.api_key.clone();
+    let proxy = TcpProxy::start(cloud.app.address.trim_start_matches("http://")).await;
+    let local = linked_local(&format!("http://127.0.0.1:{}", proxy.port), &key, &[]).await;
+    for conversation in ["conv_gone_here", "conv_gone_there", "conv_kept"] {
+        say(&local.address, None, conversation, "hello").await;
+    }
+    synced(&local).await;
+    let pushed: Value = cloud
+        .request(Method::POST, "/api/maestra/sync/pull", Some(&key))
+        .json(&json!({"origin": "inst_replayer", "cursors": {"ana": 0}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(pushed["records"].as_array().unwrap().len(), 6);
+
+    proxy.cut();
+    assert_eq!(
+        local
+            .delete("/api/maestra/conversations/conv_gone_here?user_id=ana")
+            .await
+            .status(),
+        200
+    );
+    let deleted = cloud
+        .request(
+            Method::DELETE,
+            "/api/maestra/conversations/conv_gone_there?user_id=ana",
+            Some(&key),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 200);
+    proxy.restore();
+    synced(&local).await;
+    let both = assert_same(&local.address, &cloud.app.address, &key, "ana").await;
+    assert_eq!(both.keys().collect::<Vec<_>>(), ["conv_kept"]);
+
+    // An old copy pushed again (an install that never heard of the deletions) brings nothing
+    // back, however often it is sent.
+    let stale = json!({"origin": "inst_stale", "records": pushed["records"]});
+    for _ in 0..2 {
+        let response = cloud
+            .request(Method::POST, "/api/maestra/sync/push", Some(&key))
+            .json(&stale)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let counts: Value = response.json().await.unwrap();
+        assert_eq!(
+            (counts["added"].as_u64(), counts["dropped"].as_u64()),
+            (Some(0), Some(4))
+        );
+    }
+    synced(&local).await;
+    let again = assert_same(&local.address, &cloud.app.address, &key, "ana").await;
+    assert_eq!(again.keys().collect::<Vec<_>>(), ["conv_kept"]);
+
+    // The id is free for a new conversation, on either side, which syncs as usual.
+    say(&local.address, None, "conv_gone_here", "a fresh start").await;
+    synced(&local).await;
+    let fresh = assert_same(&local.address, &cloud.app.address, &key, "ana").await;
+    assert_eq!(fresh["conv_gone_here"][0].1, "a fresh start");
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_turn_retried_on_the_cloud_with_the_same_idempotency_key_exists_once_on_each_side(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let cloud = spawn_cloud_app(&db, &[]).await;
+    let key = cloud.api_key.clone();
+    let proxy = TcpProxy::start(cloud.app.address.trim_start_matches("http://")).await;
+    let local = linked_local(&format!("http://127.0.0.1:{}", proxy.port), &key, &[]).await;
+    let client = reqwest::Client::new();
+    let body = json!({"user_id": "ana", "surface_id": "cli", "message": "Once, please"});
+    let post = async |base: &str, api_key: Option<&str>, idempotency: &str| {
+        let mut request = client
+            .post(format!("{base}/api/maestra/core"))
+            .header("Idempotency-Key", idempotency)
+            .json(&body);
+        if let Some(api_key) = api_key {
+            request = request.header("X-API-Key", api_key);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.json::<Value>().await.unwrap()
+    };
+
+    // Answered by both while apart (the client gave up on the local answer and retried on the
+    // cloud): after sync, one question and one answer on each side.
+    proxy.cut();
+    let here = post(&local.address, None, "retry-1").await;
+    let there = post(&cloud.app.address, Some(&key), "retry-1").await;
+    assert_eq!(here["conversation_id"], there["conversation_id"]);
+    assert_eq!(here["message_id"], there["message_id"]);
+    proxy.restore();
+    synced(&local).await;
+    let both = assert_same(&local.address, &cloud.app.address, &key, "ana").await;
+    let conversation = here["conversation_id"].as_str().unwrap();
+    assert_eq!(both[conversation].len(), 2, "{:?}", both[conversation]);
+    assert_eq!(
+        both[conversation][1].1,
+        there["reply"].as_str().unwrap(),
+        "the cloud's answer wins"
+    );
+
+    // Answered locally and synced first: the cloud answers the retry with that answer.
+    let first = post(&local.address, None, "retry-2").await;
+    synced(&local).await;
+    let retried = post(&cloud.app.address, Some(&key), "retry-2").await;
+    assert_eq!(retried["message_id"], first["message_id"]);
+    assert_eq!(retried["reply"], first["reply"]);
+    synced(&local).await;
+    let both = assert_same(&local.address, &cloud.app.address, &key, "ana").await;
+    assert_eq!(both[first["conversation_id"].as_str().unwrap()].len(), 2);
+    assert_eq!(
+        cloud_usage_rows(&cloud).await,
+        1,
+        "the retry cost nothing more"
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_new_install_pulls_the_whole_history_and_pages_end_exactly(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    const PAGE: usize = 7;
+    let cloud = spawn_cloud_app(&db, &[]).await;
+    let key = cloud.api_key.clone();
+    let mut written = 0;
+    // 0, 1, page-1, page, page+1 and 2·page records waiting, each pulled by a new install.
+    for count in [0, 1, PAGE - 1, PAGE, PAGE + 1, 2 * PAGE] {
+        let records: Vec<Value> = (written..written + count)
+            .map(|i| {
+                json!({"kind": "message", "user_id": "ana", "conversation_id": format!("conv_{}", i % 3),
+                       "id": format!("msg_{i:05}"), "role": "user", "surface_id": "cli",
+                       "content": format!("m{i}"), "created_at": format!("2026-11-01T00:00:{:02}.{i:06}Z", i % 60)})
+            })
+            .collect();
+        written += count;
+        let pushed = cloud
+            .request(Method::POST, "/api/maestra/sync/push", Some(&key))
+            .json(&json!({"origin": "inst_elsewhere", "records": records}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(pushed.status(), 200);
+        let batch = PAGE.to_string();
+        let local = linked_local(
+            &cloud.app.address,
+            &key,
+            &[("MAESTRA_SYNC_BATCH", batch.as_str())],
+        )
+        .await;
+        let status = synced(&local).await;
+        assert_eq!(
+            status["pulled"], written,
+            "{written} records, pages of {PAGE}"
+        );
+        let all = assert_same(&local.address, &cloud.app.address, &key, "ana").await;
+        assert_eq!(all.values().map(Vec::len).sum::<usize>(), written);
+
+        // The other way: the same counts written here are pushed in pages, completely.
+        let provider = crate::clients::closed_url();
+        let failing = linked_local(
+            &cloud.app.address,
+            &key,
+            &[
+                ("MAESTRA_SYNC_BATCH", batch.as_str()),
+                ("MAESTRA_LLM_BASE_URL", provider.as_str()),
+                ("MAESTRA_LLM_MODEL", "m"),
+                ("MAESTRA_LLM_MAX_RETRIES", "0"),
+            ],
+        )
+        .await;
+        synced(&failing).await;
+        let conversation = format!("conv_push_{count}");
+        for i in 0..count {
+            // The provider is down: each request stores exactly its user message.
+            let response = failing
+                .post_core(&json!({"user_id": "ana", "surface_id": "cli",
+                                   "conversation_id": conversation, "message": format!("p{i}")}))
+                .await;
+            assert_eq!(response.status(), 502);
+        }
+        let status = synced(&failing).await;
+        assert_eq!(status["pushed"], count, "{count} records, pages of {PAGE}");
+        let client = reqwest::Client::new();
+        let there = listing(
+            &client,
+            &cloud.app.address,
+            Some(&key),
+            "ana",
+            &conversation,
+        )
+        .await;
+        assert_eq!(there.len(), count);
+        written += count;
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_refused_key_or_a_cloud_away_leaves_local_mode_as_it_is_until_fixed(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let cloud = spawn_cloud_app(&db, &[("MAESTRA_METRICS_TOKEN", METRICS_TOKEN)]).await;
+    let (key_id, key) = cloud.create_key("default", None).await;
+    let local = linked_local(&cloud.app.address, &key, &[]).await;
+    say(&local.address, None, "conv_a", "one").await;
+    synced(&local).await;
+
+    sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1")
+        .bind(&key_id)
+        .execute(&cloud.pool)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    say(&local.address, None, "conv_a", "two").await;
+    let status = sync_now(&local).await;
+    assert_eq!(status["state"], "unauthorized", "{status}");
+    assert_eq!(status["pending"], 2);
+    assert!(
+        status["error"]
+            .as_str()
+            .unwrap()
+            .contains("maestra sync setup")
+    );
+    // Local mode answers as ever; the refused key is not tried again on every write.
+    let refusals = async || auth_failures(&cloud).await;
+    let before = refusals().await;
+    for i in 0..5 {
+        say(&local.address, None, "conv_a", &format!("more {i}")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        refusals().await,
+        before,
+        "no retry storm with a refused key"
+    );
+    assert_eq!(
+        local.get("/health").await.json::<Value>().await.unwrap()["sync"]["state"],
+        "unauthorized"
+    );
+
+    // A new key saved (as `maestra sync setup` does): sync resumes and catches up.
+    link(local.data_dir.path(), &cloud.app.address, &cloud.api_key);
+    synced(&local).await;
+    let both = assert_same(&local.address, &cloud.app.address, &cloud.api_key, "ana").await;
+    assert_eq!(both["conv_a"].len(), 14);
+}
+
+#[sqlx::test(migrations = false)]
+async fn sync_has_a_quota_of_its_own_and_never_eats_the_chat_quota(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let cloud = spawn_cloud_app(
+        &db,
+        &[
+            ("MAESTRA_SYNC_RATE_LIMIT_REQUESTS", "3"),
+            ("MAESTRA_SYNC_RATE_LIMIT_WINDOW", "60"),
+        ],
+    )
+    .await;
+    let (_, key) = cloud.create_key("default", Some((2, 60))).await;
+    let pull = json!({"origin": "inst_a", "cursors": {"ana": 0}});
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let response = cloud
+            .request(Method::POST, "/api/maestra/sync/pull", Some(&key))
+            .json(&pull)
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+        if response.status() == 429 {
+            assert!(response.headers().contains_key("retry-after"));
+            let error: Value = response.json().await.unwrap();
+            assert!(
+                error["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("sync quota")
+            );
+        }
+    }
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    // The chat quota is whole.
+    for _ in 0..2 {
+        let response = cloud
+            .core(
+                &key,
+                &json!({"user_id": "ana", "surface_id": "cli", "message": "hi"}),
+            )
+            .await;
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(
+        cloud
+            .core(
+                &key,
+                &json!({"user_id": "ana", "surface_id": "cli", "message": "hi"})
+            )
+            .await
+            .status(),
+        429
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn bad_pushes_are_refused_whole_and_replays_add_nothing(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let cloud = spawn_cloud_app(&db, &[]).await;
+    let key = cloud.api_key.clone();
+    let message = |id: &str| {
+        json!({"kind": "message", "user_id": "ana", "conversation_id": "conv_p", "id": id,
+               "role": "user", "surface_id": "cli", "content": "hi",
+               "created_at": "2026-11-01T00:00:00Z"})
+    };
+    let push = async |body: Value| {
+        let response = cloud
+            .request(Method::POST, "/api/maestra/sync/push", Some(&key))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().await.unwrap())
+    };
+    let mut bad_id = message("msg_2");
+    bad_id["conversation_id"] = json!("../etc");
+    let mut huge = message("msg_3");
+    huge["content"] = json!("x".repeat((1 << 20) + 1));
+    let cases = [
+        (
+            json!({"origin": "inst_a", "records": [message("msg_1"), bad_id]}),
+            400,
+            "records[1]: conversation_id",
+        ),
+        (
+            json!({"origin": "inst_a", "records": [message("msg_1"), huge]}),
+            400,
+            "records[1].content",
+        ),
+        (
+            json!({"origin": "cloud", "records": [message("msg_1")]}),
+            400,
+            "origin",
+        ),
+        (
+            json!({"origin": "inst_a", "records": [message("msg_1")], "extra": 1}),
+            400,
+            "extra",
+        ),
+        (
+            json!({"origin": "inst_a", "records": [{"kind": "rename"}]}),
+            400,
+            "records[0]",
+        ),
+        (
+            json!({"origin": "inst_a", "records": (0..501).map(|i| message(&format!("msg_x{i}"))).collect::<Vec<_>>()}),
+            413,
+            "at most 500",
+        ),
+        (json!([message("msg_1")]), 400, ""),
+    ];
+    for (body, status, names) in cases {
+        let (got, error) = push(body).await;
+        assert_eq!(got, status, "{error}");
+        let text = error["error"]["message"].as_str().unwrap();
+        assert!(text.contains(names), "{text:?} names {names:?}");
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
+        .fetch_one(&cloud.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0, "nothing of a refused push is stored");
+
+    let good = json!({"origin": "inst_a", "records": [message("msg_1"), message("msg_2")]});
+    let (status, first) = push(good.clone()).await;
+    assert_eq!((status, first["added"].as_u64()), (200, Some(2)));
+    for _ in 0..3 {
+        let (status, again) = push(good.clone()).await;
+        assert_eq!(
+            (
+                status,
+                again["added"].as_u64(),
+                again["duplicates"].as_u64()
+            ),
+            (200, Some(0), Some(2))
+        );
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
+        .fetch_one(&cloud.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 2);
+}
+
+#[sqlx::test(migrations = false)]
+async fn nothing_crosses_between_tenants_or_users(_: PgPoolOptions, db: PgConnectOptions) {
+    let cloud = spawn_cloud_app(&db, &[]).await;
+    let (_, acme) = cloud.create_key("acme", None).await;
+    let (_, globex) = cloud.create_key("globex", None).await;
+    let acme_local = linked_local(&cloud.app.address, &acme, &[]).await;
+    say(&acme_local.address, None, "conv_demo", "acme's secret").await;
+    let bob = acme_local
+        .post_core(&json!({"user_id": "bob", "surface_id": "cli", "conversation_id": "conv_bob", "message": "bob's"}))
+        .await;
+    assert_eq!(bob.status(), 200);
+    synced(&acme_local).await;
+
+    // Another tenant's install with the same user and conversation id gets nothing of it.
+    let globex_local = linked_local(&cloud.app.address, &globex, &[]).await;
+    say(&globex_local.address, None, "conv_demo", "globex's own").await;
+    synced(&globex_local).await;
+    let client = reqwest::Client::new();
+    let theirs = listing(&client, &globex_local.address, None, "ana", "conv_demo").await;
+    assert_eq!(theirs.len(), 2);
+    assert_eq!(theirs[0].1, "globex's own");
+    let pulled: Value = cloud
+        .request(Method::POST, "/api/maestra/sync/pull", Some(&globex))
+        .json(&json!({"origin": "inst_x", "cursors": {"ana": 0, "bob": 0}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let contents: Vec<&str> = pulled["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["content"].as_str())
+        .collect();
+    assert!(
+        !contents
+            .iter()
+            .any(|c| c.contains("acme") || c.contains("bob")),
+        "{contents:?}"
+    );
+    // A user that is only in the cloud is not pulled by an install that does not name it.
+    let users: BTreeSet<String> = std::fs::read_dir(globex_local.conversations_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(users, BTreeSet::from(["conv_demo.json".to_owned()]));
+}
