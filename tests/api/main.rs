@@ -26,4 +26,5 @@ mod schema;
 mod store;
 mod streaming;
 mod sync;
+mod sync_crash;
 mod usage;
