@@ -28,6 +28,8 @@ pub const CARRIED_VARIABLES: &[&str] = &[
     "MAESTRA_MAX_MESSAGE_BYTES",
     "MAESTRA_PORT",
     "MAESTRA_PORT_RANGE",
+    "MAESTRA_SYNC",
+    "MAESTRA_SYNC_INTERVAL",
 ];
 
 /// Variables whose value is a path the server reads relative to its working directory, which

@@ -816,3 +816,344 @@ async fn nothing_crosses_between_tenants_or_users(_: PgPoolOptions, db: PgConnec
         .collect();
     assert_eq!(users, BTreeSet::from(["conv_demo.json".to_owned()]));
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_turn_the_cloud_answered_while_the_local_server_was_down_is_local_once_it_is_back(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let cloud = spawn_cloud_app(&db, &[]).await;
+    let key = cloud.api_key.clone();
+    let data = tempfile::tempdir().unwrap();
+    link(data.path(), &cloud.app.address, &key);
+    let local =
+        crate::helpers::ServerProcess::start(data.path(), &[("MAESTRA_SYNC_INTERVAL", "1")]).await;
+    let local_url = local.url("");
+    drop(local); // the local server is down
+
+    let home = tempfile::tempdir().unwrap();
+    let asked = maestra(
+        home.path(),
+        &[
+            ("MAESTRA_LOCAL_URL", local_url.as_str()),
+            ("MAESTRA_CLOUD_URL", cloud.app.address.as_str()),
+            ("MAESTRA_API_KEY", key.as_str()),
+            ("MAESTRA_FALLBACK_ENABLED", "true"),
+            ("MAESTRA_USER_ID", "ana"),
+        ],
+        &[
+            "ask",
+            "--json",
+            "--conversation",
+            "conv_fallback",
+            "Asked while local was down",
+        ],
+    )
+    .await;
+    assert!(asked.status.success(), "{}", text(&asked.stderr));
+    let answer: Value = serde_json::from_slice(&asked.stdout).unwrap();
+    assert_eq!(answer["backend"], "cloud");
+
+    // Back up: the turn the cloud answered is in the local store, once.
+    let local =
+        crate::helpers::ServerProcess::start(data.path(), &[("MAESTRA_SYNC_INTERVAL", "1")]).await;
+    let client = reqwest::Client::new();
+    let base = local.url("");
+    wait_for(
+        "the cloud's turn is local",
+        Duration::from_secs(5),
+        async || {
+            listing(&client, &base, None, "ana", "conv_fallback")
+                .await
+                .len()
+                == 2
+        },
+    )
+    .await;
+    let here = listing(&client, &base, None, "ana", "conv_fallback").await;
+    assert_eq!(here[0].1, "Asked while local was down");
+    assert_eq!(here[1].1, answer["reply"].as_str().unwrap());
+    let ledger =
+        std::fs::read_to_string(data.path().join("maestra_metrics.jsonl")).unwrap_or_default();
+    assert_eq!(
+        ledger.lines().count(),
+        0,
+        "the cloud's reply is priced in the cloud only"
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn two_cloud_replicas_receiving_the_same_pushes_at_once_keep_one_copy(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let first = spawn_cloud_app(&db, &[]).await;
+    let url = crate::helpers::database_url(&db);
+    let second = crate::helpers::spawn_cloud_app_at(&url, &url, &[]).await;
+    let key = first.api_key.clone();
+    let records: Vec<Value> = (0..300)
+        .map(|i| {
+            json!({"kind": "message", "user_id": "ana", "conversation_id": format!("conv_{}", i % 4),
+                   "id": format!("msg_r{i:04}"), "role": if i % 2 == 0 { "user" } else { "assistant" },
+                   "surface_id": "cli", "content": format!("m{i}"),
+                   "created_at": format!("2026-11-01T00:{:02}:{:02}Z", i / 60, i % 60)})
+        })
+        .collect();
+    let push = json!({"origin": "inst_twice", "records": records});
+    let send = |replica: &CloudApp| {
+        replica
+            .request(Method::POST, "/api/maestra/sync/push", Some(&key))
+            .json(&push)
+            .send()
+    };
+    for _ in 0..3 {
+        let (a, b) = tokio::join!(send(&first), send(&second));
+        assert_eq!(
+            (a.unwrap().status().as_u16(), b.unwrap().status().as_u16()),
+            (200, 200)
+        );
+    }
+    let (messages, ids, head): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT m.id), (SELECT feed_head FROM owners WHERE user_id = 'ana')
+         FROM messages m",
+    )
+    .fetch_one(&first.pool)
+    .await
+    .unwrap();
+    assert_eq!((messages, ids), (300, 300));
+    assert_eq!(head, 300, "one feed number per stored message");
+    let seqs: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT c.id, max(m.seq) FROM messages m JOIN conversations c ON c.pk = m.conversation_pk
+         GROUP BY c.id ORDER BY c.id",
+    )
+    .fetch_all(&first.pool)
+    .await
+    .unwrap();
+    assert!(
+        seqs.iter().all(|(_, last)| *last == 75),
+        "dense seqs: {seqs:?}"
+    );
+}
+
+/// `maestra sync …` with `stdin` as its standard input.
+async fn sync_command(
+    data_dir: &std::path::Path,
+    vars: &[(&str, &str)],
+    args: &[&str],
+    stdin: &str,
+) -> std::process::Output {
+    use tokio::io::AsyncWriteExt;
+    let mut command =
+        tokio::process::Command::from(crate::helpers::maestra_command(data_dir, vars));
+    command
+        .arg("sync")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).await.unwrap();
+    drop(input);
+    child.wait_with_output().await.unwrap()
+}
+
+#[sqlx::test(migrations = false)]
+async fn sync_setup_checks_the_key_with_the_cloud_before_keeping_it_private(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    use std::os::unix::fs::PermissionsExt;
+    let cloud = spawn_cloud_app(&db, &[]).await;
+    let key = cloud.api_key.clone();
+    let local = spawn_app_with(&[("MAESTRA_SYNC_INTERVAL", "1")]).await;
+    let data = local.data_dir.path();
+    let vars = [
+        ("MAESTRA_LOCAL_URL", local.address.as_str()),
+        ("MAESTRA_USER_ID", "ana"),
+    ];
+    let link_file = data.join("sync/cloud.json");
+    let setup = ["setup", "--url", cloud.app.address.as_str()];
+
+    // A wrong key, an unreachable cloud, a bad URL: one clear line, nothing saved.
+    let wrong = sync_command(data, &vars, &setup, "sk_not_a_key_0123456789\n").await;
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(
+        text(&wrong.stderr).contains("refused this API key; nothing was saved"),
+        "{}",
+        text(&wrong.stderr)
+    );
+    let away = crate::clients::closed_url();
+    let unreachable = sync_command(data, &vars, &["setup", "--url", away.as_str()], &key).await;
+    assert_eq!(unreachable.status.code(), Some(1));
+    assert!(
+        text(&unreachable.stderr).contains("cannot reach the cloud"),
+        "{}",
+        text(&unreachable.stderr)
+    );
+    let bad_url = sync_command(data, &vars, &["setup", "--url", "ftp://x"], &key).await;
+    assert_eq!(bad_url.status.code(), Some(1));
+    assert!(
+        text(&bad_url.stderr).starts_with("maestra: --url:"),
+        "{}",
+        text(&bad_url.stderr)
+    );
+    let no_key = sync_command(data, &vars, &setup, "").await;
+    assert!(
+        text(&no_key.stderr).contains("no API key"),
+        "{}",
+        text(&no_key.stderr)
+    );
+    for failed in [&wrong, &unreachable, &bad_url, &no_key] {
+        assert_eq!(
+            text(&failed.stderr).lines().count(),
+            1,
+            "{}",
+            text(&failed.stderr)
+        );
+    }
+    assert!(!link_file.exists());
+
+    // The key on standard input: checked, kept 0600, and the running server syncs at once.
+    say(
+        &local.address,
+        None,
+        "conv_before",
+        "written before the link",
+    )
+    .await;
+    let done = sync_command(data, &vars, &setup, &format!("{key}\n")).await;
+    assert!(done.status.success(), "{}", text(&done.stderr));
+    let said = text(&done.stdout);
+    assert!(
+        said.contains("Sync set up with") && said.contains("for ana"),
+        "{said}"
+    );
+    assert!(!said.contains(&key));
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&link_file), 0o600);
+    assert_eq!(mode(&data.join("sync")), 0o700);
+    let client = reqwest::Client::new();
+    wait_for(
+        "the conversation reaches the cloud",
+        Duration::from_secs(3),
+        async || {
+            listing(
+                &client,
+                &cloud.app.address,
+                Some(&key),
+                "ana",
+                "conv_before",
+            )
+            .await
+            .len()
+                == 2
+        },
+    )
+    .await;
+
+    // Status and now, for people and as JSON.
+    let status = sync_command(data, &vars, &["status"], "").await;
+    assert!(status.status.success());
+    assert!(
+        text(&status.stdout).starts_with("sync: ok with http://127.0.0.1:"),
+        "{}",
+        text(&status.stdout)
+    );
+    let now = sync_command(data, &vars, &["now", "--json"], "").await;
+    assert!(now.status.success(), "{}", text(&now.stderr));
+    let now: Value = serde_json::from_slice(&now.stdout).unwrap();
+    assert_eq!(
+        (now["state"].as_str(), now["pending"].as_u64()),
+        (Some("ok"), Some(0))
+    );
+    let health = crate::clients::maestra(data, &vars, &["health"]).await;
+    assert!(
+        text(&health.stdout).contains("sync with the cloud: ok"),
+        "{}",
+        text(&health.stdout)
+    );
+
+    // The key from MAESTRA_API_KEY works as well; it never shows in --help or a unit file.
+    let mut with_env = vars.to_vec();
+    with_env.push(("MAESTRA_API_KEY", key.as_str()));
+    let again = sync_command(data, &with_env, &setup, "").await;
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    let help = sync_command(data, &with_env, &["setup", "--help"], "").await;
+    assert!(!text(&help.stdout).contains(&key));
+    let unit = crate::clients::maestra(
+        data,
+        &with_env,
+        &["install", "--dry-run", "--platform", "linux"],
+    )
+    .await;
+    assert!(unit.status.success(), "{}", text(&unit.stderr));
+    assert!(!text(&unit.stdout).contains(&key));
+
+    // Unlinked: the server stops syncing; nothing is deleted anywhere.
+    let removed = sync_command(data, &vars, &["remove"], "").await;
+    assert!(removed.status.success());
+    assert!(!link_file.exists());
+    assert_eq!(sync_now(&local).await["state"], "not_set_up");
+    assert_eq!(
+        listing(&client, &local.address, None, "ana", "conv_before")
+            .await
+            .len(),
+        2
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn maestra_sync_off_keeps_everything_on_this_machine(_: PgPoolOptions, db: PgConnectOptions) {
+    let cloud = spawn_cloud_app(&db, &[]).await;
+    let key = cloud.api_key.clone();
+    let local = linked_local(&cloud.app.address, &key, &[("MAESTRA_SYNC", "off")]).await;
+    say(&local.address, None, "conv_private", "stays here").await;
+    let status = sync_now(&local).await;
+    assert_eq!(status["state"], "off");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
+        .fetch_one(&cloud.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
+    let health: Value = local.get("/health").await.json().await.unwrap();
+    assert_eq!(health["sync"]["state"], "off");
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_new_install_pulls_a_ten_thousand_message_history(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let cloud = spawn_cloud_app(&db, &[]).await;
+    let key = cloud.api_key.clone();
+    for batch in 0..20 {
+        let records: Vec<Value> = (0..500)
+            .map(|i| {
+                let n = batch * 500 + i;
+                json!({"kind": "message", "user_id": "ana", "conversation_id": format!("conv_h{}", n % 20),
+                       "id": format!("msg_h{n:05}"), "role": if n % 2 == 0 { "user" } else { "assistant" },
+                       "surface_id": "cli", "content": format!("message {n} of the history"),
+                       "created_at": format!("2026-10-{:02}T{:02}:{:02}:00Z", 1 + n / 1440, (n / 60) % 24, n % 60)})
+            })
+            .collect();
+        let response = cloud
+            .request(Method::POST, "/api/maestra/sync/push", Some(&key))
+            .json(&json!({"origin": "inst_old_laptop", "records": records}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let started = Instant::now();
+    let local = linked_local(&cloud.app.address, &key, &[]).await;
+    let status = synced(&local).await;
+    println!("pulled 10,000 messages in {:?}", started.elapsed());
+    assert_eq!(status["pulled"], 10_000);
+    let all = assert_same(&local.address, &cloud.app.address, &key, "ana").await;
+    assert_eq!(all.len(), 20);
+    assert_eq!(all.values().map(Vec::len).sum::<usize>(), 10_000);
+    // Pulling put nothing in the ledger: those replies were priced elsewhere.
+    assert!(local.ledger().is_empty());
+}

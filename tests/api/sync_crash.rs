@@ -88,8 +88,10 @@ impl Sides {
             } else {
                 self.local.url("/api/maestra/core")
             })
-            .json(&json!({"user_id": "ana", "surface_id": if on_cloud { "mobile" } else { "cli" },
-                          "conversation_id": conversation, "message": text}));
+            .json(
+                &json!({"user_id": "ana", "surface_id": if on_cloud { "mobile" } else { "cli" },
+                          "conversation_id": conversation, "message": text}),
+            );
         if on_cloud {
             request = request.header("X-API-Key", TEST_API_KEY);
         }
@@ -169,16 +171,23 @@ async fn sync_survives_sigkill_of_either_side_at_random_moments(
         // deletion.
         for i in 0..1 + random.below(3) {
             let conversation = CONVERSATIONS[random.below(3) as usize];
-            sides.turn(false, conversation, &format!("run {run} local {i}")).await;
+            sides
+                .turn(false, conversation, &format!("run {run} local {i}"))
+                .await;
             let conversation = CONVERSATIONS[[0, 1, 3][random.below(3) as usize]];
-            sides.turn(true, conversation, &format!("run {run} cloud {i}")).await;
+            sides
+                .turn(true, conversation, &format!("run {run} cloud {i}"))
+                .await;
         }
         if random.below(8) == 0 {
             let conversation = CONVERSATIONS[random.below(4) as usize];
             sides.delete(random.below(2) == 0, conversation).await;
         }
         // A round under way, then SIGKILL a few milliseconds into it.
-        let now = sides.client.post(sides.local.url("/api/maestra/sync/now")).send();
+        let now = sides
+            .client
+            .post(sides.local.url("/api/maestra/sync/now"))
+            .send();
         let round = tokio::spawn(now);
         tokio::time::sleep(Duration::from_micros(random.below(120_000))).await;
         if run % 2 == 0 {
@@ -202,7 +211,10 @@ async fn sync_survives_sigkill_of_either_side_at_random_moments(
         }
     }
     println!("{interrupted} of {runs} rounds were cut short by the kill");
-    assert!(interrupted * 4 >= runs as usize, "the kills must land inside rounds");
+    assert!(
+        interrupted * 4 >= runs as usize,
+        "the kills must land inside rounds"
+    );
 
     // Both up again: once synced, both sides hold the same, and everything acknowledged.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -219,7 +231,10 @@ async fn sync_survives_sigkill_of_either_side_at_random_moments(
         if status["state"] == "ok" && status["pending"] == 0 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "never synced: {status}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never synced: {status}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (local_url, cloud_url) = (sides.local_url(), sides.cloud_url());
