@@ -47,7 +47,7 @@ psql -q "$ADMIN_URL" -c "CREATE DATABASE $db"
 key=sk_fuzz_key_0123456789
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 MAESTRA_MODE=cloud MAESTRA_HOST=127.0.0.1 MAESTRA_PORT=$port DATABASE_URL="${ADMIN_URL%/*}/$db" \
-  MAESTRA_API_KEY=$key MAESTRA_RATE_LIMIT_REQUESTS=1000000 MAESTRA_METRICS_TOKEN=fuzz-token \
+  MAESTRA_API_KEY=$key MAESTRA_RATE_LIMIT_REQUESTS=1000000 MAESTRA_SYNC_RATE_LIMIT_REQUESTS=1000000 MAESTRA_METRICS_TOKEN=fuzz-token \
   MAESTRA_LOG_LEVEL=warn "$MAESTRA_BIN" serve >/dev/null 2>&1 &
 pids+=($!)
 cloud_url="http://127.0.0.1:$port"

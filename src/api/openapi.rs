@@ -254,7 +254,7 @@ pub struct SyncStatus {
     pub pulled: u64,
 }
 
-/// A change to one of a user's conversations. Unknown fields are refused.
+/// A change to one of a user's conversations. Unknown fields are ignored.
 #[derive(ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SyncRecord {
@@ -273,12 +273,10 @@ pub enum SyncRecord {
         /// At most 1 MiB.
         content: String,
         created_at: chrono::DateTime<chrono::Utc>,
-        #[schema(nullable = false, max_length = 256)]
+        #[schema(max_length = 256)]
         model: Option<String>,
-        #[schema(nullable = false)]
         usage: Option<Usage>,
         /// Pulled records: where it was written (`cloud`, or an install's id).
-        #[schema(nullable = false)]
         origin: Option<String>,
     },
     /// A conversation deleted: its messages stamped up to `deleted_at` are erased.
@@ -288,9 +286,28 @@ pub enum SyncRecord {
         #[schema(pattern = "^[A-Za-z0-9_-]{1,128}$")]
         conversation_id: String,
         deleted_at: chrono::DateTime<chrono::Utc>,
-        #[schema(nullable = false)]
         origin: Option<String>,
     },
+}
+
+/// User id → feed position (0 or more).
+fn cursors() -> utoipa::openapi::Object {
+    ObjectBuilder::new()
+        .property_names(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(r"^[A-Za-z0-9._@-]{1,128}$")),
+        ))
+        .additional_properties(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                    utoipa::openapi::KnownFormat::Int64,
+                )))
+                .minimum(Some(0)),
+        ))
+        .max_properties(Some(100))
+        .build()
 }
 
 /// An install's changes, oldest first (at most 500 records, 8 MiB).
@@ -318,6 +335,7 @@ pub struct SyncPull {
     #[schema(pattern = "^[A-Za-z0-9_-]{1,128}$")]
     pub origin: String,
     /// User id → position (0: from the start); at most 100 users.
+    #[schema(schema_with = cursors)]
     pub cursors: std::collections::HashMap<String, i64>,
     /// 1-500 (default 500).
     #[schema(minimum = 1, maximum = 500)]
@@ -328,6 +346,7 @@ pub struct SyncPull {
 pub struct SyncPulled {
     pub records: Vec<SyncRecord>,
     /// Per user, the position to ask from next time.
+    #[schema(schema_with = cursors)]
     pub cursors: std::collections::HashMap<String, i64>,
     /// More records wait: ask again.
     pub more: bool,

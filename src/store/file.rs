@@ -110,6 +110,9 @@ struct OpenConversation {
     last_created_at: Option<DateTime<Utc>>,
     /// The newest messages in seq order (at most `keep_recent`).
     recent: VecDeque<Message>,
+    /// Whether a later line replaces an earlier message (sync's): reading must then go on to
+    /// the end of the file.
+    replaced: bool,
 }
 
 /// Creates `dir` (and its parents) if needed, and makes it readable by its owner only (0700).
@@ -269,6 +272,7 @@ impl FileStore {
             {
                 messages.push(m);
             }
+            true
         })?;
         let cursor = FileCursor {
             incarnation: header.incarnation.clone(),
@@ -613,6 +617,7 @@ impl Inner {
             ids: HashMap::new(),
             last_created_at: None,
             recent: VecDeque::new(),
+            replaced: false,
         };
         for message in messages {
             open.remember(message, self.keep_recent);
@@ -857,13 +862,30 @@ impl Inner {
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
         // Read outside the lock, up to the length known now: appends go on meanwhile.
-        let len = self.with_conversation(conversation, |slot| Ok(Self::owned(slot, owner)?.len))?;
-        let all = read_all(&self.path(conversation), len)?;
-        Ok(all
-            .into_values()
-            .filter(|m| m.seq > after_seq)
-            .take(limit)
-            .collect())
+        let (len, replaced) = self.with_conversation(conversation, |slot| {
+            let open = Self::owned(slot, owner)?;
+            Ok((open.len, open.replaced))
+        })?;
+        let path = self.path(conversation);
+        if replaced {
+            let all = read_all(&path, len)?;
+            return Ok(all
+                .into_values()
+                .filter(|m| m.seq > after_seq)
+                .take(limit)
+                .collect());
+        }
+        // Lines come in seq order: the page ends at its last message.
+        let mut page = Vec::new();
+        read_lines(&path, 0, len, |record| {
+            if let Record::Message(m) = record
+                && m.seq > after_seq
+            {
+                page.push(m);
+            }
+            page.len() < limit
+        })?;
+        Ok(page)
     }
 
     fn list(
@@ -948,6 +970,7 @@ impl OpenConversation {
         self.next_seq = self.next_seq.max(message.seq + 1);
         self.last_created_at = self.last_created_at.max(Some(message.created_at));
         if self.ids.get(&message.id) == Some(&message.seq) {
+            self.replaced = true;
             if let Some(cached) = self.recent.iter_mut().find(|m| m.seq == message.seq) {
                 *cached = message;
             }
@@ -1122,6 +1145,7 @@ fn load(path: &Path, keep_recent: usize) -> Result<Option<OpenConversation>, Sto
         ids: HashMap::new(),
         last_created_at: None,
         recent: VecDeque::with_capacity(keep_recent),
+        replaced: false,
     };
     for message in messages {
         open.remember(message, keep_recent);
@@ -1146,12 +1170,13 @@ fn read_header(path: &Path) -> Result<Option<Header>, StoreError> {
 }
 
 /// Reads the records between byte `from` and byte `to` of a conversation file (whole lines
-/// only; an unreadable one is skipped), and returns where the last whole line ends.
+/// only; an unreadable one is skipped) until `each` says stop, and returns where the last line
+/// read ends.
 fn read_lines(
     path: &Path,
     from: u64,
     to: u64,
-    mut each: impl FnMut(Record),
+    mut each: impl FnMut(Record) -> bool,
 ) -> Result<u64, StoreError> {
     let mut file = File::open(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => StoreError::NotFound,
@@ -1163,8 +1188,10 @@ fn read_lines(
     let mut end = from;
     while let Some(true) = next_line(&mut reader, &mut line)? {
         end += line.len() as u64;
-        if let Ok(record) = serde_json::from_slice(&line) {
-            each(record);
+        if let Ok(record) = serde_json::from_slice(&line)
+            && !each(record)
+        {
+            break;
         }
     }
     Ok(end)
@@ -1178,6 +1205,7 @@ fn read_all(path: &Path, len: u64) -> Result<BTreeMap<i64, Message>, StoreError>
         if let Record::Message(m) = record {
             messages.insert(m.seq, m);
         }
+        true
     })?;
     Ok(messages)
 }

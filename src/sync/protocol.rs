@@ -31,7 +31,7 @@ pub const MAX_USERS: usize = 100;
 
 /// A change to one of a user's conversations.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Record {
     /// A message, as its writer stored it.
     Message {
@@ -140,9 +140,9 @@ impl Record {
     }
 }
 
-/// An install's changes, oldest first.
+/// An install's changes, oldest first. Unknown fields are ignored, here and in records, so
+/// that a newer install can talk to an older cloud.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PushRequest {
     /// The install that sends them.
     pub origin: OriginId,
@@ -165,7 +165,6 @@ pub struct PushResponse {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PullRequest {
     /// The install that asks: what it pushed itself is left out.
     pub origin: OriginId,
@@ -216,7 +215,7 @@ mod tests {
     }
 
     #[test]
-    fn records_with_unknown_kinds_fields_or_bad_ids_are_refused() {
+    fn records_with_unknown_kinds_or_bad_ids_are_refused_and_unknown_fields_ignored() {
         let base = json!({"kind": "deletion", "user_id": "ana", "conversation_id": "conv_a",
                           "deleted_at": "2026-12-01T00:00:00Z"});
         assert!(serde_json::from_value::<Record>(base.clone()).is_ok());
@@ -225,7 +224,6 @@ mod tests {
             ("user_id", json!("../x")),
             ("conversation_id", json!("a/b")),
             ("deleted_at", json!("yesterday")),
-            ("extra", json!(1)),
         ] {
             let mut bad = base.clone();
             bad[field] = value;
@@ -234,5 +232,8 @@ mod tests {
                 "{field} was accepted"
             );
         }
+        let mut newer = base.clone();
+        newer["a_field_of_tomorrow"] = json!(1);
+        assert!(serde_json::from_value::<Record>(newer).is_ok());
     }
 }
