@@ -50,7 +50,9 @@ pub enum Role {
 /// Tokens and their price for one model call.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
+    #[serde(deserialize_with = "super::whole::count")]
     pub prompt_tokens: u64,
+    #[serde(deserialize_with = "super::whole::count")]
     pub completion_tokens: u64,
     pub cost_usd: f64,
 }

@@ -3,6 +3,7 @@
 mod ids;
 mod message;
 mod turn;
+pub mod whole;
 
 pub use ids::{ConversationId, MessageId, OriginId, SurfaceId, TenantId, UserId};
 pub use message::{

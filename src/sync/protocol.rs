@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{
     ConversationId, InvalidInput, Message, MessageId, OriginId, Role, SurfaceId, Usage, UserId,
+    whole,
 };
 use crate::store::deletions::Deletion;
 
@@ -169,9 +170,14 @@ pub struct PullRequest {
     /// The install that asks: what it pushed itself is left out.
     pub origin: OriginId,
     /// Per user, the feed position read up to (0: nothing yet).
+    #[serde(deserialize_with = "whole::positions")]
     pub cursors: BTreeMap<UserId, i64>,
     /// Records wanted at most (1-500, default 500).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "whole::optional_count",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub limit: Option<usize>,
 }
 

@@ -173,6 +173,28 @@ async fn auth_failures(cloud: &CloudApp) -> f64 {
         .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
+/// Each message's seq on one server, by id.
+async fn seqs(base: &str, key: Option<&str>, conversation: &str) -> BTreeMap<String, i64> {
+    let mut request = reqwest::Client::new().get(format!(
+        "{base}/api/maestra/conversations/{conversation}?user_id=ana&limit=1000"
+    ));
+    if let Some(key) = key {
+        request = request.header("X-API-Key", key);
+    }
+    let page: Value = request.send().await.unwrap().json().await.unwrap();
+    page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap().to_owned(),
+                m["seq"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 /// Cloud usage rows (one per reply the cloud made).
 async fn cloud_usage_rows(cloud: &CloudApp) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM usage")
@@ -327,11 +349,52 @@ async fn turns_made_on_both_sides_while_apart_converge_once_and_in_one_order(
     );
     assert_eq!(health["sync"]["pending"], 12);
 
+    let seqs_before = seqs(&local.address, None, "conv_shared").await;
+    let cloud_seqs_before = seqs(&cloud.app.address, Some(&key), "conv_shared").await;
     proxy.restore();
     synced(&local).await;
     let both = assert_same(&local.address, &cloud.app.address, &key, "ana").await;
     let shared = &both["conv_shared"];
     assert_eq!(shared.len(), 2 + 12);
+
+    // A seq handed out never changes; the other side's messages arrived with new ones.
+    for (base, api_key, before) in [
+        (&local.address, None, seqs_before),
+        (&cloud.app.address, Some(key.as_str()), cloud_seqs_before),
+    ] {
+        let after = seqs(base, api_key, "conv_shared").await;
+        for (id, seq) in &before {
+            assert_eq!(after.get(id), Some(seq), "{id} kept its seq");
+        }
+        // Paging by after_seq, three at a time, sees every message once.
+        let client = reqwest::Client::new();
+        let mut paged = Vec::new();
+        let mut after_seq = 0;
+        loop {
+            let mut request = client.get(format!(
+                "{base}/api/maestra/conversations/conv_shared?user_id=ana&limit=3&after_seq={after_seq}"
+            ));
+            if let Some(api_key) = api_key {
+                request = request.header("X-API-Key", api_key);
+            }
+            let page: Value = request.send().await.unwrap().json().await.unwrap();
+            paged.extend(
+                page["messages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| m["id"].as_str().unwrap().to_owned()),
+            );
+            match page["next_after_seq"].as_i64() {
+                Some(next) => after_seq = next,
+                None => break,
+            }
+        }
+        let mut expected: Vec<String> = shared.iter().map(|(id, _)| id.clone()).collect();
+        expected.sort();
+        paged.sort();
+        assert_eq!(paged, expected, "{base}: each message once");
+    }
     // The local turns keep their order among themselves, and so do the cloud's.
     let texts: Vec<&str> = shared.iter().map(|(_, t)| t.as_str()).collect();
     let position = |t: &str| texts.iter().position(|x| *x == t).unwrap();
