@@ -8,6 +8,7 @@ use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::body::JsonObject;
 use super::caller::Caller;
 use super::core::OVERHEAD_HEADER;
 use super::errors::ApiError;
@@ -32,10 +33,10 @@ struct AskRequest {
 pub async fn ask(
     state: web::Data<AppState>,
     caller: Caller,
-    body: web::Json<serde_json::Value>,
+    body: web::Json<JsonObject>,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
-    let question = parse(&state, caller, body.into_inner())?;
+    let question = parse(&state, caller, body.into_inner().into_value())?;
     let answer = state.service.ask(question).await?;
     let overhead = (started.elapsed().as_secs_f64() * 1000.0 - answer.provider_ms).max(0.0);
     Ok(HttpResponse::Ok()

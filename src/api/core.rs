@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
+use super::body::JsonObject;
 use super::caller::Caller;
 use super::errors::ApiError;
 use super::{AppState, request_id};
@@ -61,7 +62,7 @@ pub async fn core(
     state: web::Data<AppState>,
     metrics: web::Data<Metrics>,
     caller: Caller,
-    body: web::Json<serde_json::Value>,
+    body: web::Json<JsonObject>,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let idempotency_key = request
@@ -72,7 +73,7 @@ pub async fn core(
         &state,
         caller,
         idempotency_key.as_deref(),
-        body.into_inner(),
+        body.into_inner().into_value(),
     )?;
     if stream || accepts_event_stream(&request) {
         return stream_turn(state, metrics, turn, started).await;

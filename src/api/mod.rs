@@ -1,6 +1,7 @@
 //! The HTTP surface: routes, their extractors' error handling, and the middleware around them.
 
 mod advisor;
+pub mod body;
 mod caller;
 mod conversations;
 mod core;
@@ -51,52 +52,55 @@ pub type CloudGate = GovernorConfig<UnverifiedByAddress, NoOpMiddleware>;
 /// Routes and extractor settings. With a gate (cloud mode), every `/api` route needs a key;
 /// `/health` never does.
 pub fn configure(cfg: &mut web::ServiceConfig, max_message_bytes: usize, gate: Option<&CloudGate>) {
-    // Room for the JSON around the message and for escapes inside it; past this, 413.
-    let body_limit = max_message_bytes.saturating_mul(2) + 16 * 1024;
-    cfg.app_data(
-        web::JsonConfig::default()
-            .limit(body_limit)
-            .error_handler(json_error),
-    )
-    .app_data(web::QueryConfig::default().error_handler(query_error))
-    .app_data(web::PathConfig::default().error_handler(path_error))
-    .service(
-        web::resource("/health")
-            .route(web::get().to(health::health))
-            .default_service(web::to(only("GET"))),
-    )
-    .service(
-        web::resource("/health/live")
-            .route(web::get().to(health::live))
-            .default_service(web::to(only("GET"))),
-    )
-    .service(
-        web::resource("/health/ready")
-            .route(web::get().to(health::ready))
-            .default_service(web::to(only("GET"))),
-    )
-    .service(
-        web::resource("/metrics")
-            .route(web::get().to(metrics::metrics))
-            .default_service(web::to(only("GET"))),
-    )
-    .service(
-        web::resource("/openapi.json")
-            .route(web::get().to(openapi::openapi_json))
-            .default_service(web::to(only("GET"))),
-    )
-    .default_service(web::to(not_found));
+    // Past these, 413: room for each text the route takes, however it is escaped.
+    let core_limit = body::body_limit(max_message_bytes, 1);
+    let advisor_limit = body::body_limit(max_message_bytes, 2);
+    cfg.app_data(json_config(core_limit))
+        .app_data(web::QueryConfig::default().error_handler(query_error))
+        .app_data(web::PathConfig::default().error_handler(path_error))
+        .service(
+            web::resource("/health")
+                .route(web::get().to(health::health))
+                .default_service(web::to(only("GET"))),
+        )
+        .service(
+            web::resource("/health/live")
+                .route(web::get().to(health::live))
+                .default_service(web::to(only("GET"))),
+        )
+        .service(
+            web::resource("/health/ready")
+                .route(web::get().to(health::ready))
+                .default_service(web::to(only("GET"))),
+        )
+        .service(
+            web::resource("/metrics")
+                .route(web::get().to(metrics::metrics))
+                .default_service(web::to(only("GET"))),
+        )
+        .service(
+            web::resource("/openapi.json")
+                .route(web::get().to(openapi::openapi_json))
+                .default_service(web::to(only("GET"))),
+        )
+        .default_service(web::to(not_found));
     match gate {
-        None => cfg.service(api_routes()),
+        None => cfg.service(api_routes(advisor_limit)),
         Some(gate) => cfg.service(
-            api_routes()
+            api_routes(advisor_limit)
                 .wrap(from_fn(require_api_key))
                 .wrap(Governor::new(gate)),
         ),
     };
 }
 
-fn api_routes() -> Scope {
+fn json_config(limit: usize) -> web::JsonConfig {
+    web::JsonConfig::default()
+        .limit(limit)
+        .error_handler(json_error)
+}
+
+fn api_routes(advisor_limit: usize) -> Scope {
     web::scope("/api")
         .service(
             web::resource("/maestra/core")
@@ -105,6 +109,8 @@ fn api_routes() -> Scope {
         )
         .service(
             web::resource("/maestra/advisor/ask")
+                // A question and its context: two texts.
+                .app_data(json_config(advisor_limit))
                 .route(web::post().to(advisor::ask))
                 .default_service(web::to(only("POST"))),
         )
@@ -206,8 +212,13 @@ fn json_error(error: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
     api_error.into()
 }
 
+/// A repeated parameter is refused, as a repeated key in a JSON body is ("duplicate field").
 fn query_error(error: QueryPayloadError, _: &HttpRequest) -> actix_web::Error {
-    ApiError::InvalidRequest(format!("invalid query string: {error}")).into()
+    let message = match &error {
+        QueryPayloadError::Deserialize(cause) => format!("invalid query string: {cause}"),
+        other => format!("invalid query string: {other}"),
+    };
+    ApiError::InvalidRequest(message).into()
 }
 
 fn path_error(error: PathError, _: &HttpRequest) -> actix_web::Error {

@@ -11,6 +11,7 @@ mod clients;
 mod cloud;
 mod conversations;
 mod core;
+mod edges;
 mod fake_provider;
 mod health;
 mod helpers;

@@ -1,0 +1,183 @@
+//! What real clients send at the edges: bodies that are not objects, repeated keys, messages
+//! escaped the way Python's `requests` escapes them, and what the service answers.
+
+use serde_json::Value;
+
+use crate::helpers::{TestApp, spawn_app};
+
+async fn post_raw(app: &TestApp, path: &str, body: String) -> reqwest::Response {
+    app.client
+        .post(format!("{}{path}", app.address))
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn error_of(response: reqwest::Response, status: u16, case: &str) -> String {
+    assert_eq!(response.status(), status, "{case}");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["error"]["code"],
+        if status == 413 {
+            "payload_too_large"
+        } else {
+            "invalid_request"
+        },
+        "{case}: {body}"
+    );
+    body["error"]["message"].as_str().unwrap().to_owned()
+}
+
+/// Every character written as JSON's longest escape: `\u00XX` for each byte of ASCII.
+fn escaped_at_worst(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        assert!(c.is_ascii(), "only ASCII can be escaped byte by byte");
+        out.push_str(&format!("\\u{:04x}", c as u32));
+    }
+    out.push('"');
+    out
+}
+
+/// Python's `json.dumps` (what `requests.post(json=…)` sends): non-ASCII as `\uXXXX`,
+/// characters beyond the BMP as a surrogate pair.
+fn escaped_like_python(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[tokio::test]
+async fn only_a_json_object_is_a_request_and_the_error_says_so_in_plain_words() {
+    let app = spawn_app().await;
+    for path in ["/api/maestra/core", "/api/maestra/advisor/ask"] {
+        for body in [
+            r#"["u","cli","conv_arr","hi"]"#,
+            r#""just a string""#,
+            "42",
+            "null",
+        ] {
+            let case = format!("{path} {body}");
+            let message = error_of(post_raw(&app, path, body.to_owned()).await, 400, &case).await;
+            assert!(message.contains("a JSON object"), "{case}: {message}");
+            assert!(
+                !message.contains("struct") && !message.contains("Request"),
+                "{case}: a Rust type name in {message:?}"
+            );
+        }
+    }
+    assert!(
+        std::fs::read_dir(app.conversations_dir())
+            .unwrap()
+            .next()
+            .is_none(),
+        "an array body stored a conversation"
+    );
+    assert!(app.ledger().is_empty(), "a refused body reached the ledger");
+}
+
+#[tokio::test]
+async fn a_repeated_key_is_refused_in_a_body_as_in_a_query_string() {
+    let app = spawn_app().await;
+    let body = r#"{"user_id":"ana","surface_id":"cli","message":"hi","message":"other"}"#;
+    let message = error_of(
+        post_raw(&app, "/api/maestra/core", body.to_owned()).await,
+        400,
+        "repeated key in the body",
+    )
+    .await;
+    assert!(
+        message.contains("\"message\" appears more than once"),
+        "{message}"
+    );
+    let nested = r#"{"question":"q","user_id":"ana","extra":{"a":1,"a":2}}"#;
+    let message = error_of(
+        post_raw(&app, "/api/maestra/advisor/ask", nested.to_owned()).await,
+        400,
+        "repeated key in a nested object",
+    )
+    .await;
+    assert!(
+        message.contains("\"a\" appears more than once"),
+        "{message}"
+    );
+
+    let response = app
+        .get("/api/maestra/conversations?user_id=ana&user_id=bob")
+        .await;
+    let message = error_of(response, 400, "repeated query parameter").await;
+    assert!(message.contains("duplicate field `user_id`"), "{message}");
+    assert!(app.ledger().is_empty());
+}
+
+#[tokio::test]
+async fn a_message_within_the_limit_is_accepted_however_the_client_escapes_it() {
+    let app = spawn_app().await;
+    // 6,900 emoji: 27,600 bytes of text, 82,800 once Python escapes them.
+    let emoji = "😀".repeat(6900);
+    let body = format!(
+        r#"{{"user_id":"ana","surface_id":"python","conversation_id":"conv_emoji","message":{}}}"#,
+        escaped_like_python(&emoji)
+    );
+    assert!(body.len() > 82_000);
+    let response = post_raw(&app, "/api/maestra/core", body).await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let stored = app.messages("ana", "conv_emoji").await;
+    assert_eq!(stored[0]["content"], emoji.as_str());
+
+    // The worst case: every byte of a full-size message, and of every id, as \u00XX.
+    let full = "m".repeat(32 * 1024);
+    let id = |c: &str| escaped_at_worst(&c.repeat(128));
+    let body = format!(
+        r#"{{ "user_id" : {}, "surface_id" : {}, "conversation_id" : {}, "message" : {}, "stream" : false }}"#,
+        id("u"),
+        id("s"),
+        id("c"),
+        escaped_at_worst(&full)
+    );
+    let response = post_raw(&app, "/api/maestra/core", body).await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+
+    // The advisor takes two texts: both full-size, both escaped at worst.
+    let body = format!(
+        r#"{{"question":{},"context":{},"user_id":{}}}"#,
+        escaped_at_worst(&full),
+        escaped_at_worst(&full),
+        id("u")
+    );
+    let response = post_raw(&app, "/api/maestra/advisor/ask", body).await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+
+    // One byte over is the message's 413, not the body's.
+    let body = format!(
+        r#"{{"user_id":"ana","surface_id":"cli","message":{}}}"#,
+        escaped_at_worst(&format!("{full}m"))
+    );
+    let message = error_of(post_raw(&app, "/api/maestra/core", body).await, 413, "over").await;
+    assert!(message.starts_with("message: larger than"), "{message}");
+}
+
+#[tokio::test]
+async fn the_body_cap_follows_the_configured_message_limit() {
+    let app = crate::helpers::spawn_app_with(&[("MAESTRA_MAX_MESSAGE_BYTES", "100000")]).await;
+    // A 600 KB body: far over the old fixed cap, within 6 × the configured limit.
+    let text = format!(
+        r#"{{"user_id":"ana","surface_id":"cli","message":{}}}"#,
+        escaped_at_worst(&"x".repeat(100_000))
+    );
+    assert!(text.len() > 600_000);
+    let response = post_raw(&app, "/api/maestra/core", text).await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+}
