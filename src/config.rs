@@ -91,6 +91,8 @@ pub struct Settings {
     pub max_message_bytes: usize,
     pub history_messages: usize,
     pub cors_origins: Vec<String>,
+    /// Browser extensions CORS admits, by id; empty: every extension.
+    pub cors_extension_ids: Vec<String>,
     pub log: LogSettings,
     /// Cloud mode's database; required there, and by `maestra migrate` and `maestra keys`.
     pub database_url: Option<SecretString>,
@@ -133,6 +135,7 @@ struct Raw {
     max_message_bytes: Option<String>,
     history_messages: Option<String>,
     cors_origins: Option<String>,
+    cors_extension_ids: Option<String>,
     log_format: Option<String>,
     log_level: Option<String>,
     database_url: Option<String>,
@@ -239,6 +242,9 @@ impl Settings {
                 &required("MAESTRA_HISTORY_MESSAGES", raw.history_messages)?,
             )?,
             cors_origins: parse_origins(raw.cors_origins.as_deref().unwrap_or(""))?,
+            cors_extension_ids: parse_extension_ids(
+                raw.cors_extension_ids.as_deref().unwrap_or(""),
+            )?,
             log: LogSettings {
                 format: parse_log_format(raw.log_format.as_deref().unwrap_or("json"))?,
                 level: raw.log_level.unwrap_or_else(|| "info".to_owned()),
@@ -452,6 +458,30 @@ fn parse_origins(value: &str) -> Result<Vec<String>, ConfigError> {
         .collect()
 }
 
+/// Extension ids as the browsers show them: Chrome's 32 letters, Firefox's and Safari's UUIDs.
+fn parse_extension_ids(value: &str) -> Result<Vec<String>, ConfigError> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+        .map(|id| {
+            if id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.@{}".contains(c))
+            {
+                Ok(id.to_owned())
+            } else {
+                Err(ConfigError::new(
+                    "MAESTRA_CORS_EXTENSION_IDS",
+                    format!(
+                        "{id:?} is not an extension id (e.g. abcdefghijklmnopabcdefghijklmnop)"
+                    ),
+                ))
+            }
+        })
+        .collect()
+}
+
 fn parse_log_format(value: &str) -> Result<LogFormat, ConfigError> {
     match value.trim() {
         "json" => Ok(LogFormat::Json),
@@ -528,6 +558,7 @@ mod tests {
             ("MAESTRA_MAX_MESSAGE_BYTES", "0"),
             ("MAESTRA_HISTORY_MESSAGES", "-3"),
             ("MAESTRA_CORS_ORIGINS", "not an origin"),
+            ("MAESTRA_CORS_EXTENSION_IDS", "chrome-extension://abc"),
             ("MAESTRA_LOG_FORMAT", "xml"),
             ("MAESTRA_PORT_RANGE", "8829-8825"),
             ("MAESTRA_RATE_LIMIT_REQUESTS", "0"),

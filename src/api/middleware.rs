@@ -7,6 +7,7 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::time::Instant;
 
+use actix_cors::CorsError;
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::error::InternalError;
@@ -29,6 +30,9 @@ pub async fn request_context(
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, Error> {
     let started = Instant::now();
+    if let Some(watch) = req.conn_data::<super::head_deadline::HeadWatch>() {
+        watch.head_arrived();
+    }
     let id = request_id::from_headers(req.headers());
     let metrics = req.app_data::<web::Data<Metrics>>().cloned();
     let method = req.method().clone();
@@ -108,7 +112,7 @@ async fn finished_error(response: HttpResponse) -> Error {
 
 /// Every response leaves with the request's id and, when it is an error, the JSON envelope.
 async fn finish(response: HttpResponse) -> HttpResponse {
-    let mut response = json_error_body(response).await;
+    let mut response = json_error_body(cors_refusal(response)).await;
     if let Ok(value) = HeaderValue::from_str(&request_id::current()) {
         response
             .headers_mut()
@@ -212,6 +216,27 @@ async fn json_error_body(response: HttpResponse) -> HttpResponse {
         }
     }
     rebuilt
+}
+
+/// actix-cors answers 400 to every CORS failure. An origin, method or header that the policy
+/// refuses is a 403; only a malformed preflight is a 400.
+fn cors_refusal(response: HttpResponse) -> HttpResponse {
+    let refused = response
+        .error()
+        .and_then(|e| e.as_error::<CorsError>())
+        .filter(|e| {
+            matches!(
+                e,
+                CorsError::OriginNotAllowed
+                    | CorsError::MethodNotAllowed
+                    | CorsError::HeadersNotAllowed
+            )
+        })
+        .map(|e| format!("CORS: {e}"));
+    match refused {
+        Some(reason) => ApiError::Forbidden(reason).error_response(),
+        None => response,
+    }
 }
 
 fn code_for(status: StatusCode) -> &'static str {

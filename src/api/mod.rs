@@ -6,6 +6,7 @@ mod caller;
 mod conversations;
 mod core;
 pub mod errors;
+pub mod head_deadline;
 mod health;
 mod metrics;
 pub mod middleware;
@@ -129,22 +130,18 @@ fn api_routes(advisor_limit: usize) -> Scope {
 }
 
 /// Browsers may call only from extension pages (and the configured extra origins): a web page
-/// must not read someone's conversations off their loopback server.
-pub fn cors(extra_origins: &[String]) -> Cors {
+/// must not read someone's conversations off their loopback server. With `extension_ids`,
+/// only those extensions: any other installed one must not read them either.
+pub fn cors(extra_origins: &[String], extension_ids: &[String]) -> Cors {
     let extra: Vec<String> = extra_origins.to_vec();
+    let extension_ids: Vec<String> = extension_ids.to_vec();
     Cors::default()
         .allowed_origin_fn(move |origin, _| {
             let Ok(origin) = origin.to_str() else {
                 return false;
             };
-            [
-                "chrome-extension://",
-                "moz-extension://",
-                "safari-web-extension://",
-            ]
-            .iter()
-            .any(|scheme| origin.starts_with(scheme))
-                || extra.iter().any(|allowed| allowed == origin)
+            extra.iter().any(|allowed| allowed == origin)
+                || is_allowed_extension(origin, &extension_ids)
         })
         .allowed_methods([Method::GET, Method::POST, Method::DELETE])
         .allowed_headers([
@@ -161,6 +158,19 @@ pub fn cors(extra_origins: &[String]) -> Cors {
             header::HeaderName::from_static(core::OVERHEAD_HEADER),
         ])
         .max_age(3600)
+}
+
+/// An extension page's origin (`chrome-extension://<id>`, …) whose id is allowed: any id when
+/// none are configured.
+fn is_allowed_extension(origin: &str, extension_ids: &[String]) -> bool {
+    [
+        "chrome-extension://",
+        "moz-extension://",
+        "safari-web-extension://",
+    ]
+    .iter()
+    .filter_map(|scheme| origin.strip_prefix(scheme))
+    .any(|id| extension_ids.is_empty() || extension_ids.iter().any(|allowed| allowed == id))
 }
 
 async fn not_found(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {

@@ -181,3 +181,124 @@ async fn the_body_cap_follows_the_configured_message_limit() {
     let response = post_raw(&app, "/api/maestra/core", text).await;
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
 }
+
+async fn preflight(app: &TestApp, origin: &str) -> reqwest::Response {
+    app.client
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/api/maestra/core", app.address),
+        )
+        .header("Origin", origin)
+        .header("Access-Control-Request-Method", "POST")
+        .header("Access-Control-Request-Headers", "content-type")
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_refused_cors_origin_is_a_403_forbidden() {
+    let app = spawn_app().await;
+    let refused = preflight(&app, "https://evil.example").await;
+    let message = {
+        assert_eq!(refused.status(), 403);
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "forbidden", "{body}");
+        body["error"]["message"].as_str().unwrap().to_owned()
+    };
+    assert!(message.contains("Origin is not allowed"), "{message}");
+}
+
+#[tokio::test]
+async fn an_extension_allow_list_admits_those_extensions_and_no_other() {
+    let ours = "abcdefghijklmnopabcdefghijklmnop";
+    let firefox = "3f1c9a3e-5d2b-4a47-9d1e-2b8f0c6a7e11";
+    let app = crate::helpers::spawn_app_with(&[(
+        "MAESTRA_CORS_EXTENSION_IDS",
+        &format!("{ours}, {firefox}"),
+    )])
+    .await;
+    for origin in [
+        format!("chrome-extension://{ours}"),
+        format!("moz-extension://{firefox}"),
+    ] {
+        let response = preflight(&app, &origin).await;
+        assert_eq!(response.status(), 200, "{origin}");
+        assert_eq!(response.headers()["access-control-allow-origin"], *origin);
+    }
+    for origin in [
+        "chrome-extension://ponmlkjihgfedcbaponmlkjihgfedcba",
+        "moz-extension://00000000-0000-0000-0000-000000000000",
+        "safari-web-extension://abcdefghijklmnopabcdefghijklmnopx",
+    ] {
+        let response = preflight(&app, origin).await;
+        assert_eq!(response.status(), 403, "{origin}");
+        assert!(
+            response
+                .headers()
+                .get("access-control-allow-origin")
+                .is_none()
+        );
+    }
+    // Unset, every extension is admitted, as before.
+    let app = spawn_app().await;
+    let response = preflight(&app, "chrome-extension://ponmlkjihgfedcbaponmlkjihgfedcba").await;
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn a_slow_request_head_gets_the_json_408_and_the_connection_closes() {
+    use std::io::{Read, Write};
+    let data = tempfile::tempdir().unwrap();
+    let server = crate::helpers::ServerProcess::start(data.path(), &[]).await;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .unwrap();
+    stream
+        .write_all(b"POST /api/maestra/core HTTP/1.1\r\nHost: localhost\r\n")
+        .unwrap();
+    let started = std::time::Instant::now();
+    let said = tokio::task::spawn_blocking(move || {
+        let mut said = Vec::new();
+        let _ = stream.read_to_end(&mut said);
+        String::from_utf8_lossy(&said).into_owned()
+    })
+    .await
+    .unwrap();
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= std::time::Duration::from_secs(4) && elapsed < std::time::Duration::from_secs(8),
+        "cut off after {elapsed:?}"
+    );
+    let (head, body) = said.split_once("\r\n\r\n").expect("a whole response");
+    assert!(head.starts_with("HTTP/1.1 408"), "{said:?}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{head}"
+    );
+    let body: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(body["error"]["code"], "request_timeout", "{body}");
+    let request_id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .expect("an X-Request-Id");
+    assert_eq!(body["error"]["request_id"], request_id);
+
+    // A client that sends its head in time is served as usual, even one arriving late.
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    stream.write_all(b"GET /health HTTP/1.1\r\n").unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    stream
+        .write_all(b"Host: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let said = tokio::task::spawn_blocking(move || {
+        let mut said = Vec::new();
+        let _ = stream.read_to_end(&mut said);
+        String::from_utf8_lossy(&said).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(said.starts_with("HTTP/1.1 200"), "{said:?}");
+}
