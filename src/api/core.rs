@@ -22,7 +22,7 @@ use super::{AppState, request_id};
 use crate::domain::{ConversationId, MessageText, SurfaceId, Usage, UserId};
 use crate::idempotency::IdempotencyKey;
 use crate::metrics::Metrics;
-use crate::responder::Deltas;
+use crate::responder::{Deltas, ProviderClock};
 use crate::service::{Turn, TurnError, TurnOutcome};
 
 /// The backend's own time for a request: its duration minus the time spent waiting for the
@@ -79,10 +79,9 @@ pub async fn core(
         return stream_turn(state, metrics, turn, started).await;
     }
     let outcome = finished(spawn_turn(&state, turn, None).await)?;
-    let overhead = overhead_ms(started, outcome.provider_ms, &metrics);
-    Ok(HttpResponse::Ok()
-        .insert_header((OVERHEAD_HEADER, format!("{overhead:.3}")))
-        .json(respond(outcome, state.mode.as_str())))
+    // The metric; the header is middleware::overhead_header's, for every response.
+    overhead_ms(started, outcome.provider_ms, &metrics);
+    Ok(HttpResponse::Ok().json(respond(outcome, state.mode.as_str())))
 }
 
 fn parse(
@@ -138,6 +137,7 @@ fn spawn_turn(
         }
     };
     let work = request_id::scope(request_id::current(), work).instrument(tracing::Span::current());
+    let work = ProviderClock::current().scope(work);
     tokio::spawn(work)
 }
 

@@ -21,9 +21,11 @@ use prometheus::IntGauge;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use super::core::OVERHEAD_HEADER;
 use super::errors::{ApiError, envelope};
 use super::request_id;
 use crate::metrics::Metrics;
+use crate::responder::ProviderClock;
 
 pub async fn request_context(
     req: ServiceRequest,
@@ -154,6 +156,33 @@ pub async fn body_deadline(
         req.set_payload(Payload::from(timed));
     }
     next.call(req).await
+}
+
+/// `X-Maestra-Overhead-Ms` on every response of the routes that ask the model, errors
+/// included: the request's time in the backend minus its wait for the provider. A stream's
+/// headers leave before the model is done, so a stream gives it in its `done` event instead.
+pub async fn overhead_header(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, Error> {
+    let started = Instant::now();
+    let clock = ProviderClock::default();
+    let mut response = clock.clone().scope(next.call(req)).await?;
+    let streamed = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if !streamed {
+        let overhead = started.elapsed().saturating_sub(clock.waited());
+        if let Ok(value) = HeaderValue::from_str(&format!("{:.3}", overhead.as_secs_f64() * 1000.0))
+        {
+            response
+                .headers_mut()
+                .insert(header::HeaderName::from_static(OVERHEAD_HEADER), value);
+        }
+    }
+    Ok(response)
 }
 
 /// Whether a body read failed because the body was too slow.

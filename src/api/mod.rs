@@ -105,6 +105,7 @@ fn api_routes(advisor_limit: usize) -> Scope {
     web::scope("/api")
         .service(
             web::resource("/maestra/core")
+                .wrap(from_fn(middleware::overhead_header))
                 .route(web::post().to(core::core))
                 .default_service(web::to(only("POST"))),
         )
@@ -112,6 +113,7 @@ fn api_routes(advisor_limit: usize) -> Scope {
             web::resource("/maestra/advisor/ask")
                 // A question and its context: two texts.
                 .app_data(json_config(advisor_limit))
+                .wrap(from_fn(middleware::overhead_header))
                 .route(web::post().to(advisor::ask))
                 .default_service(web::to(only("POST"))),
         )

@@ -302,3 +302,67 @@ async fn a_slow_request_head_gets_the_json_408_and_the_connection_closes() {
     .unwrap();
     assert!(said.starts_with("HTTP/1.1 200"), "{said:?}");
 }
+
+fn overhead_of(response: &reqwest::Response) -> Option<f64> {
+    response
+        .headers()
+        .get("x-maestra-overhead-ms")
+        .map(|v| v.to_str().unwrap().parse().unwrap())
+}
+
+#[tokio::test]
+async fn errors_carry_the_overhead_header_and_a_stream_gives_it_in_its_done_event() {
+    use crate::fake_provider::{FakeProvider, Step};
+    let provider = FakeProvider::scripted(
+        vec![Step::Delay(
+            std::time::Duration::from_millis(400),
+            Box::new(Step::Status(500, None)),
+        )],
+        Step::reply("Fine."),
+    )
+    .await;
+    let app = crate::helpers::spawn_app_with_provider(
+        &provider.base_url,
+        &[("MAESTRA_LLM_MAX_RETRIES", "0")],
+    )
+    .await;
+    let hello = |conversation: &str| serde_json::json!({"user_id": "ana", "surface_id": "cli", "conversation_id": conversation, "message": "Hello"});
+
+    // The provider fails after 400 ms: the header leaves its time out.
+    let started = std::time::Instant::now();
+    let failed = app.post_core(&hello("conv_a")).await;
+    assert_eq!(failed.status(), 502);
+    assert!(started.elapsed().as_millis() >= 400);
+    let overhead = overhead_of(&failed).expect("the header on a 502");
+    assert!(
+        overhead < 300.0,
+        "the provider's wait counted: {overhead} ms"
+    );
+
+    // Someone else's conversation: 404, with the header.
+    app.say("ana", "cli", Some("conv_b"), "Hi").await;
+    let mut body = hello("conv_b");
+    body["user_id"] = "bob".into();
+    let not_found = app.post_core(&body).await;
+    assert_eq!(not_found.status(), 404);
+    assert!(overhead_of(&not_found).is_some(), "no header on a 404");
+
+    let invalid = post_raw(&app, "/api/maestra/core", "[]".to_owned()).await;
+    assert_eq!(invalid.status(), 400);
+    assert!(overhead_of(&invalid).is_some(), "no header on a 400");
+    let advisor = post_raw(&app, "/api/maestra/advisor/ask", "{}".to_owned()).await;
+    assert_eq!(advisor.status(), 400);
+    assert!(
+        overhead_of(&advisor).is_some(),
+        "no header on the advisor's 400"
+    );
+
+    // A stream: its headers leave before the model is done; the figure is in `done`.
+    let streamed = app.post_core_streaming(&hello("conv_b")).await;
+    assert_eq!(streamed.status(), 200);
+    assert!(overhead_of(&streamed).is_none());
+    let events = crate::helpers::read_events(streamed).await;
+    let (name, done) = events.last().unwrap();
+    assert_eq!(name, "done");
+    assert!(done["overhead_ms"].as_f64().is_some(), "{done}");
+}
