@@ -364,3 +364,46 @@ async fn cloud_usage_is_reported_per_tenant_and_key(
             .any(|r| r["key"] == acme_id.as_str())
     );
 }
+
+#[sqlx::test(migrations = false)]
+async fn keys_list_shows_when_a_key_expires_and_none_is_born_expired(
+    _: sqlx::postgres::PgPoolOptions,
+    db: sqlx::postgres::PgConnectOptions,
+) {
+    let url = crate::helpers::database_url(&db);
+    let born_expired = maestra_db(
+        &url,
+        &["keys", "create", "--tenant", "acme", "--expires-in", "0s"],
+    );
+    assert_eq!(born_expired.status.code(), Some(2), "a usage error");
+    assert!(text(&born_expired.stderr).contains("longer than 0"));
+
+    let created = maestra_db(
+        &url,
+        &["keys", "create", "--tenant", "acme", "--expires-in", "30d"],
+    );
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let forever = maestra_db(&url, &["keys", "create", "--tenant", "acme"]);
+    assert!(forever.status.success());
+    let listing = text(&maestra_db(&url, &["keys", "list"]).stdout);
+    let header = listing.lines().next().unwrap();
+    assert!(header.contains("EXPIRES"), "{listing}");
+    let expiry = (chrono::Utc::now() + chrono::Duration::days(30))
+        .format("%Y-%m-%d")
+        .to_string();
+    let id = |output: &std::process::Output| text(&output.stdout)[3..15].to_owned();
+    let row = |id: &str| {
+        listing
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap()
+            .to_owned()
+    };
+    assert!(row(&id(&created)).contains(&expiry), "{listing}");
+    let never = row(&id(&forever));
+    assert_eq!(
+        never.matches("never").count(),
+        2,
+        "last used, expires: {never}"
+    );
+}
