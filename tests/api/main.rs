@@ -22,6 +22,7 @@ mod observability;
 mod openapi;
 mod process;
 mod provider;
+mod readme;
 mod reliability;
 mod store;
 mod streaming;
