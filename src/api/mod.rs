@@ -56,35 +56,39 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_message_bytes: usize, gate: O
     // Past these, 413: room for each text the route takes, however it is escaped.
     let core_limit = body::body_limit(max_message_bytes, 1);
     let advisor_limit = body::body_limit(max_message_bytes, 2);
-    cfg.app_data(json_config(core_limit))
-        .app_data(web::QueryConfig::default().error_handler(query_error))
-        .app_data(web::PathConfig::default().error_handler(path_error))
-        .service(
-            web::resource("/health")
-                .route(web::get().to(health::health))
-                .default_service(web::to(only("GET"))),
-        )
-        .service(
-            web::resource("/health/live")
-                .route(web::get().to(health::live))
-                .default_service(web::to(only("GET"))),
-        )
-        .service(
-            web::resource("/health/ready")
-                .route(web::get().to(health::ready))
-                .default_service(web::to(only("GET"))),
-        )
-        .service(
-            web::resource("/metrics")
-                .route(web::get().to(metrics::metrics))
-                .default_service(web::to(only("GET"))),
-        )
-        .service(
-            web::resource("/openapi.json")
-                .route(web::get().to(openapi::openapi_json))
-                .default_service(web::to(only("GET"))),
-        )
-        .default_service(web::to(not_found));
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(core_limit)
+            .error_handler(json_error),
+    )
+    .app_data(web::QueryConfig::default().error_handler(query_error))
+    .app_data(web::PathConfig::default().error_handler(path_error))
+    .service(
+        web::resource("/health")
+            .route(web::get().to(health::health))
+            .default_service(web::to(only("GET"))),
+    )
+    .service(
+        web::resource("/health/live")
+            .route(web::get().to(health::live))
+            .default_service(web::to(only("GET"))),
+    )
+    .service(
+        web::resource("/health/ready")
+            .route(web::get().to(health::ready))
+            .default_service(web::to(only("GET"))),
+    )
+    .service(
+        web::resource("/metrics")
+            .route(web::get().to(metrics::metrics))
+            .default_service(web::to(only("GET"))),
+    )
+    .service(
+        web::resource("/openapi.json")
+            .route(web::get().to(openapi::openapi_json))
+            .default_service(web::to(only("GET"))),
+    )
+    .default_service(web::to(not_found));
     match gate {
         None => cfg.service(api_routes(advisor_limit)),
         Some(gate) => cfg.service(
@@ -93,12 +97,6 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_message_bytes: usize, gate: O
                 .wrap(Governor::new(gate)),
         ),
     };
-}
-
-fn json_config(limit: usize) -> web::JsonConfig {
-    web::JsonConfig::default()
-        .limit(limit)
-        .error_handler(json_error)
 }
 
 fn api_routes(advisor_limit: usize) -> Scope {
@@ -112,7 +110,11 @@ fn api_routes(advisor_limit: usize) -> Scope {
         .service(
             web::resource("/maestra/advisor/ask")
                 // A question and its context: two texts.
-                .app_data(json_config(advisor_limit))
+                .app_data(
+                    web::JsonConfig::default()
+                        .limit(advisor_limit)
+                        .error_handler(json_error),
+                )
                 .wrap(from_fn(middleware::overhead_header))
                 .route(web::post().to(advisor::ask))
                 .default_service(web::to(only("POST"))),
