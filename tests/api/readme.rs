@@ -236,7 +236,14 @@ fn with_ports(text: &str, ports: &Ports) -> String {
 
 /// The Python that runs the README's Python (it needs `requests`): `.ci/run` names one.
 fn python() -> String {
-    std::env::var("MAESTRA_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned())
+    match std::env::var("MAESTRA_TEST_PYTHON") {
+        // Absolute: the examples run in their own folder.
+        Ok(path) => std::fs::canonicalize(&path)
+            .unwrap_or_else(|e| panic!("MAESTRA_TEST_PYTHON={path}: {e}"))
+            .display()
+            .to_string(),
+        Err(_) => "python3".to_owned(),
+    }
 }
 
 /// Runs one example in `home` with `maestra` on PATH; its stdout and stderr, and success.
