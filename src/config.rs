@@ -43,6 +43,22 @@ impl ConfigError {
             problem: problem.into(),
         }
     }
+
+    /// Names the file a bad value came from, when it came from one (`max_message_bytes in
+    /// /etc/maestra/local.toml`) rather than from its variable.
+    fn located(self, origins: &Origins) -> Self {
+        let key = match self.variable.strip_prefix("MAESTRA_") {
+            Some(rest) => rest.to_ascii_lowercase(),
+            None => self.variable.to_ascii_lowercase(),
+        };
+        match origins.get(&key) {
+            Some(file) => Self {
+                variable: format!("{key} in {file}"),
+                problem: self.problem,
+            },
+            None => self,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +107,8 @@ pub struct Settings {
     pub max_message_bytes: usize,
     pub history_messages: usize,
     pub cors_origins: Vec<String>,
+    /// Browser extensions CORS admits, by id; empty: every extension.
+    pub cors_extension_ids: Vec<String>,
     pub log: LogSettings,
     /// Cloud mode's database; required there, and by `maestra migrate` and `maestra keys`.
     pub database_url: Option<SecretString>,
@@ -147,6 +165,7 @@ struct Raw {
     max_message_bytes: Option<String>,
     history_messages: Option<String>,
     cors_origins: Option<String>,
+    cors_extension_ids: Option<String>,
     log_format: Option<String>,
     log_level: Option<String>,
     database_url: Option<String>,
@@ -201,13 +220,13 @@ impl Settings {
         }
 
         // The mode picks the second layer, so it is read first from the first layer and env.
-        let first = layered(&[("default", DEFAULT_TOML)], config_dir.as_deref(), &vars)?;
-        let mode = parse_mode(first.mode.as_deref())?;
+        let (first, origins) = layered(&[("default", DEFAULT_TOML)], config_dir.as_deref(), &vars)?;
+        let mode = parse_mode(first.mode.as_deref()).map_err(|e| e.located(&origins))?;
         let mode_layer = match mode {
             Mode::Local => ("local", LOCAL_TOML),
             Mode::Cloud => ("cloud", CLOUD_TOML),
         };
-        let mut raw = layered(
+        let (mut raw, mut origins) = layered(
             &[("default", DEFAULT_TOML), mode_layer],
             config_dir.as_deref(),
             &vars,
@@ -215,8 +234,10 @@ impl Settings {
         // The guide's name, without the MAESTRA_ prefix.
         if let Some(url) = vars.get("DATABASE_URL").filter(|v| !v.is_empty()) {
             raw.database_url = Some(url.clone());
+            origins.remove("database_url");
         }
         Self::parse(mode, raw, vars.get("HOME").map(String::as_str))
+            .map_err(|e| e.located(&origins))
     }
 
     fn parse(mode: Mode, raw: Raw, home: Option<&str>) -> Result<Self, ConfigError> {
@@ -258,6 +279,9 @@ impl Settings {
                 &required("MAESTRA_HISTORY_MESSAGES", raw.history_messages)?,
             )?,
             cors_origins: parse_origins(raw.cors_origins.as_deref().unwrap_or(""))?,
+            cors_extension_ids: parse_extension_ids(
+                raw.cors_extension_ids.as_deref().unwrap_or(""),
+            )?,
             log: LogSettings {
                 format: parse_log_format(raw.log_format.as_deref().unwrap_or("json"))?,
                 level: raw.log_level.unwrap_or_else(|| "info".to_owned()),
@@ -358,30 +382,87 @@ impl Settings {
     }
 }
 
+/// Which file set each setting that a file set (the rest come from the built-in files or the
+/// environment), so that a bad value names the file to fix.
+type Origins = HashMap<String, String>;
+
 fn layered(
     layers: &[(&str, &str)],
     config_dir: Option<&Path>,
     vars: &HashMap<String, String>,
-) -> Result<Raw, ConfigError> {
+) -> Result<(Raw, Origins), ConfigError> {
     let mut builder = Config::builder();
-    for (_, text) in layers {
-        builder = builder.add_source(File::from_str(text, FileFormat::Toml));
+    for (name, text) in layers {
+        let source = File::from_str(text, FileFormat::Toml);
+        only_known_settings(source.clone(), &format!("the built-in config/{name}.toml"))?;
+        builder = builder.add_source(source);
     }
+    let mut origins = Origins::new();
     if let Some(dir) = config_dir {
         for (name, _) in layers {
-            builder =
-                builder.add_source(File::from(dir.join(format!("{name}.toml"))).required(false));
+            let path = dir.join(format!("{name}.toml"));
+            let source = File::from(path.clone()).required(false);
+            if path.exists() {
+                let shown = path.display().to_string();
+                for key in only_known_settings(source.clone(), &shown)? {
+                    origins.insert(key, shown.clone());
+                }
+            }
+            builder = builder.add_source(source);
         }
     }
+    // A variable overrides the files: then the variable is what names the value.
+    origins.retain(|key, _| {
+        vars.get(&format!("MAESTRA_{}", key.to_ascii_uppercase()))
+            .is_none_or(|v| v.is_empty())
+    });
     let environment = Environment::with_prefix("MAESTRA")
         .prefix_separator("_")
         .ignore_empty(true)
         .source(Some(vars.clone().into_iter().collect()));
-    builder
+    let raw = builder
         .add_source(environment)
         .build()
         .and_then(Config::try_deserialize)
-        .map_err(|e| ConfigError::new("MAESTRA_CONFIG_DIR", format!("cannot read settings: {e}")))
+        .map_err(|e| {
+            ConfigError::new("MAESTRA_CONFIG_DIR", format!("cannot read settings: {e}"))
+        })?;
+    Ok((raw, origins))
+}
+
+/// A key in a file that no setting reads is a typo (or a setting from another version): an
+/// error naming the file and the key, not a value silently ignored. Unknown `MAESTRA_*`
+/// variables are left alone: the environment also carries the clients' variables.
+/// Returns the settings the file sets.
+fn only_known_settings<S>(file: S, shown: &str) -> Result<Vec<String>, ConfigError>
+where
+    S: config::Source + Send + Sync + 'static,
+{
+    let config = Config::builder()
+        .add_source(file)
+        .build()
+        .map_err(|e| ConfigError::new(shown, format!("cannot read: {e}")))?;
+    let keys = config
+        .cache
+        .clone()
+        .into_table()
+        .map_err(|e| ConfigError::new(shown, format!("cannot read: {e}")))?
+        .into_keys()
+        .collect();
+    let mut unknown = Vec::new();
+    let read: Result<Raw, _> = serde_ignored::deserialize(config, |path| {
+        unknown.push(path.to_string());
+    });
+    if let Some(key) = unknown.first() {
+        return Err(ConfigError::new(
+            shown,
+            format!(
+                "unknown setting `{key}` (the settings are listed in config/default.toml and the README)"
+            ),
+        ));
+    }
+    read.map(|_| keys)
+        .map_err(|e| ConfigError::new(shown, format!("cannot read: {e}")))
 }
 
 fn non_empty(value: Option<String>) -> Option<String> {
@@ -525,6 +606,30 @@ fn parse_origins(value: &str) -> Result<Vec<String>, ConfigError> {
         .collect()
 }
 
+/// Extension ids as the browsers show them: Chrome's 32 letters, Firefox's and Safari's UUIDs.
+fn parse_extension_ids(value: &str) -> Result<Vec<String>, ConfigError> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+        .map(|id| {
+            if id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.@{}".contains(c))
+            {
+                Ok(id.to_owned())
+            } else {
+                Err(ConfigError::new(
+                    "MAESTRA_CORS_EXTENSION_IDS",
+                    format!(
+                        "{id:?} is not an extension id (e.g. abcdefghijklmnopabcdefghijklmnop)"
+                    ),
+                ))
+            }
+        })
+        .collect()
+}
+
 fn parse_log_format(value: &str) -> Result<LogFormat, ConfigError> {
     match value.trim() {
         "json" => Ok(LogFormat::Json),
@@ -601,6 +706,7 @@ mod tests {
             ("MAESTRA_MAX_MESSAGE_BYTES", "0"),
             ("MAESTRA_HISTORY_MESSAGES", "-3"),
             ("MAESTRA_CORS_ORIGINS", "not an origin"),
+            ("MAESTRA_CORS_EXTENSION_IDS", "chrome-extension://abc"),
             ("MAESTRA_LOG_FORMAT", "xml"),
             ("MAESTRA_PORT_RANGE", "8829-8825"),
             ("MAESTRA_RATE_LIMIT_REQUESTS", "0"),
@@ -661,6 +767,62 @@ mod tests {
     fn a_missing_config_dir_is_an_error() {
         let err = load(&[("MAESTRA_CONFIG_DIR", "/nonexistent/maestra")]).unwrap_err();
         assert_eq!(err.variable, "MAESTRA_CONFIG_DIR");
+    }
+
+    #[test]
+    fn a_typo_in_a_config_file_is_an_error_naming_the_file_and_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("local.toml");
+        std::fs::write(&file, "max_message_bytse = 10\n").unwrap();
+        let err = load(&[("MAESTRA_CONFIG_DIR", dir.path().to_str().unwrap())]).unwrap_err();
+        assert_eq!(err.variable, file.display().to_string());
+        assert!(err.problem.contains("`max_message_bytse`"), "{err}");
+
+        std::fs::write(
+            dir.path().join("default.toml"),
+            "llm_prices.\"m\" = { input = 1, ouptut = 2 }\n",
+        )
+        .unwrap();
+        std::fs::remove_file(&file).unwrap();
+        let err = load(&[("MAESTRA_CONFIG_DIR", dir.path().to_str().unwrap())]).unwrap_err();
+        assert!(err.problem.contains("ouptut"), "{err}");
+    }
+
+    #[test]
+    fn unknown_maestra_variables_are_left_to_the_clients() {
+        let settings = load(&[
+            ("MAESTRA_LOCAL_URL", "http://127.0.0.1:8825"),
+            ("MAESTRA_USER_ID", "ana"),
+            ("MAESTRA_SOMETHING_ELSE", "x"),
+        ]);
+        assert!(settings.is_ok());
+    }
+
+    #[test]
+    fn a_bad_value_in_a_file_names_the_file_and_one_in_a_variable_the_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("local.toml");
+        std::fs::write(&file, "max_message_bytes = 0\n").unwrap();
+        let config_dir = ("MAESTRA_CONFIG_DIR", dir.path().to_str().unwrap());
+        let err = load(&[config_dir]).unwrap_err();
+        assert_eq!(
+            err.variable,
+            format!("max_message_bytes in {}", file.display())
+        );
+        assert!(
+            !err.to_string().contains("MAESTRA_MAX_MESSAGE_BYTES"),
+            "{err}"
+        );
+        // The variable overrides the file: then the variable is what to fix.
+        let err = load(&[config_dir, ("MAESTRA_MAX_MESSAGE_BYTES", "none")]).unwrap_err();
+        assert_eq!(err.variable, "MAESTRA_MAX_MESSAGE_BYTES");
+        // A good variable over the bad file is fine.
+        assert!(load(&[config_dir, ("MAESTRA_MAX_MESSAGE_BYTES", "10")]).is_ok());
+
+        std::fs::write(&file, "mode = \"hybrid\"\n").unwrap();
+        std::fs::rename(&file, dir.path().join("default.toml")).unwrap();
+        let err = load(&[config_dir]).unwrap_err();
+        assert!(err.variable.starts_with("mode in "), "{err}");
     }
 
     #[test]

@@ -20,7 +20,6 @@ use rmcp::{
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde_json::json;
 
 use crate::client::{AskRequest, ClientError, ClientSettings, MaestraClient};
 
@@ -65,6 +64,10 @@ fn windsurf() -> String {
     "windsurf".to_owned()
 }
 
+// Optional arguments are declared with their plain type (`"type": "integer"`), not as
+// `["integer", "null"]`: some clients (MCP Inspector 0.15) cannot send a value for a union
+// type. Omitting an argument is how a client leaves it out; `null` is still accepted.
+
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct AskParams {
     /// The message for Maestra.
@@ -72,9 +75,11 @@ pub struct AskParams {
     /// The conversation to continue: the `conversation_id` of an earlier result. Omit it to
     /// start a new conversation.
     #[serde(default)]
+    #[schemars(with = "String")]
     pub conversation_id: Option<String>,
     /// Whose conversation it is. Default: MAESTRA_USER_ID, else the OS user name.
     #[serde(default)]
+    #[schemars(with = "String")]
     pub user_id: Option<String>,
     /// The surface the message comes from.
     #[serde(default = "windsurf")]
@@ -87,12 +92,15 @@ pub struct HistoryParams {
     pub conversation_id: String,
     /// Whose conversation it is. Default: MAESTRA_USER_ID, else the OS user name.
     #[serde(default)]
+    #[schemars(with = "String")]
     pub user_id: Option<String>,
     /// Only messages after this sequence number (for the next page: `next_after_seq`).
     #[serde(default)]
+    #[schemars(with = "i64")]
     pub after_seq: Option<i64>,
     /// At most this many messages (1-1000; the server's default is 100).
     #[serde(default)]
+    #[schemars(with = "u32")]
     pub limit: Option<u32>,
 }
 
@@ -102,6 +110,7 @@ pub struct LegacyAskParams {
     pub question: String,
     /// Background the advisor should take into account.
     #[serde(default)]
+    #[schemars(with = "String")]
     pub context: Option<String>,
 }
 
@@ -188,13 +197,9 @@ impl ConversationHub {
         description = "Health of the local and the cloud Maestra backends, side by side: URL, status, version, mode and latency of each."
     )]
     async fn maestra_health(&self) -> CallToolResult {
-        let report = self.client.health().await;
-        let healthy = report.any_healthy();
-        match serde_json::to_value(&report) {
-            Ok(mut value) => {
-                value["any_healthy"] = json!(healthy);
-                CallToolResult::structured(value)
-            }
+        // The same object as `maestra health --json`.
+        match serde_json::to_value(self.client.health().await) {
+            Ok(value) => CallToolResult::structured(value),
             Err(e) => tool_error(format!("cannot describe the health report: {e}")),
         }
     }

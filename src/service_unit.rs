@@ -17,6 +17,7 @@ const STOP_TIMEOUT_SECONDS: u32 = 35;
 /// MAESTRA_LLM_API_KEY, …) is never written into the file.
 pub const CARRIED_VARIABLES: &[&str] = &[
     "MAESTRA_CONFIG_DIR",
+    "MAESTRA_CORS_EXTENSION_IDS",
     "MAESTRA_CORS_ORIGINS",
     "MAESTRA_DATA_DIR",
     "MAESTRA_HISTORY_MESSAGES",

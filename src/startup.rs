@@ -321,6 +321,7 @@ fn serve(
 ) -> anyhow::Result<Server> {
     let max_message_bytes = settings.max_message_bytes;
     let cors_origins = settings.cors_origins.clone();
+    let extension_ids = settings.cors_extension_ids.clone();
     let local = settings.mode == Mode::Local;
     let limiter = web::Data::new(KeyRateLimiter::default());
     let sync_quota = web::Data::new(SyncQuota(settings.sync.quota));
@@ -338,7 +339,7 @@ fn serve(
         }
         app.configure(|cfg| api::configure(cfg, max_message_bytes, gate.as_ref()))
             .wrap(from_fn(middleware::body_deadline))
-            .wrap(api::cors(&cors_origins))
+            .wrap(api::cors(&cors_origins, &extension_ids))
             .wrap(Condition::new(
                 local,
                 from_fn(middleware::loopback_host_only),
@@ -347,14 +348,16 @@ fn serve(
     })
     // Small writes (a stream's last event, short responses) go out at once instead of waiting
     // for the client's delayed ACK (Nagle).
-    .on_connect(|connection, _| {
+    .on_connect(|connection, data| {
         if let Some(tcp) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
             let _ = tcp.set_nodelay(true);
         }
+        // A client has this long to send its request head (slowloris headers are cut off).
+        api::head_deadline::watch(connection, data, CLIENT_REQUEST_TIMEOUT);
     })
     .shutdown_timeout(SHUTDOWN_GRACE_SECONDS)
-    // A client has this long to send its request head (slowloris headers are cut off).
-    .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
+    // A backstop only: this timer's 408 has no body (head_deadline's has the JSON envelope).
+    .client_request_timeout(CLIENT_REQUEST_TIMEOUT * 2)
     // Signals are handled in run_until_stopped, to drain before stopping.
     .disable_signals()
     .listen(listener)?

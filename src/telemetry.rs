@@ -5,9 +5,14 @@
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
 use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use tracing::Level;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::writer::MakeWriterExt;
@@ -114,10 +119,59 @@ fn otlp_tracer_provider() -> anyhow::Result<Option<SdkTracerProvider>> {
     }
     Ok(Some(
         SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
+            .with_batch_exporter(WarnOnce::new(exporter))
             .with_resource(resource.build())
             .build(),
     ))
+}
+
+/// The OTLP exporter, saying so when the collector cannot be reached: one warning when
+/// exporting starts to fail (not one per batch), one note when it works again. Without it a
+/// wrong or unreachable collector went unmentioned: the SDK's own logs are not compiled in.
+#[derive(Debug)]
+struct WarnOnce<E> {
+    inner: E,
+    failing: AtomicBool,
+}
+
+impl<E> WarnOnce<E> {
+    fn new(inner: E) -> Self {
+        Self {
+            inner,
+            failing: AtomicBool::new(false),
+        }
+    }
+}
+
+impl<E: SpanExporter> SpanExporter for WarnOnce<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let spans = batch.len();
+        let result = self.inner.export(batch).await;
+        match &result {
+            Err(e) if !self.failing.swap(true, Ordering::Relaxed) => tracing::warn!(
+                error = %e,
+                spans,
+                "cannot send traces to the OpenTelemetry collector (OTEL_EXPORTER_OTLP_ENDPOINT); spans are dropped until it answers"
+            ),
+            Ok(()) if self.failing.swap(false, Ordering::Relaxed) => {
+                tracing::info!("traces reach the OpenTelemetry collector again");
+            }
+            _ => {}
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&mut self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&mut self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
 }
 
 /// Panics become one log line (no backtrace on the terminal); the server turns a panicking

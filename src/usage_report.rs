@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use chrono::{DateTime, NaiveDate, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::responder::pricing::{pico_to_usd, usd_to_pico};
 
@@ -60,28 +60,51 @@ impl Totals {
     }
 }
 
-#[derive(Debug, Default)]
+/// Requests, tokens and cost per group: (day, model) for the local ledger, (day, tenant, key,
+/// model) for the cloud's table. Both print through here, so both read the same: a row per
+/// group, a total row, costs as exact decimal USD.
+#[derive(Debug)]
 pub struct Summary {
-    by_day_and_model: BTreeMap<(NaiveDate, String), Totals>,
-    total: Totals,
+    /// The names of the grouping columns, in order.
+    columns: &'static [&'static str],
+    groups: BTreeMap<Vec<String>, Totals>,
     /// Lines that were not a readable ledger record.
     pub skipped: usize,
 }
 
-#[derive(Serialize)]
-struct JsonRow<'a> {
-    day: String,
-    model: &'a str,
-    requests: u64,
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    cost_usd: f64,
-}
+/// The local ledger's grouping.
+pub const LOCAL_COLUMNS: &[&str] = &["day", "model"];
 
 impl Summary {
+    pub fn new(columns: &'static [&'static str]) -> Self {
+        Self {
+            columns,
+            groups: BTreeMap::new(),
+            skipped: 0,
+        }
+    }
+
+    /// Adds requests to a group (one value per column).
+    pub fn add(
+        &mut self,
+        group: Vec<String>,
+        requests: u64,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+        cost_pico: u128,
+    ) {
+        let totals = self.groups.entry(group).or_default();
+        totals.merge(&Totals {
+            requests,
+            prompt_tokens,
+            completion_tokens,
+            cost_pico,
+        });
+    }
+
     /// Reads a ledger; lines before `since` are left out.
     pub fn read(ledger: impl BufRead, since: Option<NaiveDate>) -> io::Result<Self> {
-        let mut summary = Summary::default();
+        let mut summary = Summary::new(LOCAL_COLUMNS);
         for line in ledger.split(b'\n') {
             let line = line?;
             if line.iter().all(u8::is_ascii_whitespace) {
@@ -96,36 +119,43 @@ impl Summary {
                 continue;
             }
             summary
-                .by_day_and_model
-                .entry((day, record.model.clone()))
+                .groups
+                .entry(vec![day.to_string(), record.model.clone()])
                 .or_default()
                 .add(&record);
         }
-        let mut total = Totals::default();
-        for totals in summary.by_day_and_model.values() {
-            total.merge(totals);
-        }
-        summary.total = total;
         Ok(summary)
     }
 
-    fn rows(&self) -> impl Iterator<Item = JsonRow<'_>> {
-        self.by_day_and_model
-            .iter()
-            .map(|((day, model), t)| JsonRow {
-                day: day.to_string(),
-                model,
-                requests: t.requests,
-                prompt_tokens: t.prompt_tokens,
-                completion_tokens: t.completion_tokens,
-                cost_usd: pico_to_usd(t.cost_pico),
-            })
+    fn total(&self) -> Totals {
+        let mut total = Totals::default();
+        for totals in self.groups.values() {
+            total.merge(totals);
+        }
+        total
+    }
+
+    fn json_row(&self, group: &[String], t: &Totals) -> serde_json::Value {
+        let mut row = serde_json::Map::new();
+        for (column, value) in self.columns.iter().zip(group) {
+            row.insert((*column).to_owned(), value.clone().into());
+        }
+        row.insert("requests".to_owned(), t.requests.into());
+        row.insert("prompt_tokens".to_owned(), t.prompt_tokens.into());
+        row.insert("completion_tokens".to_owned(), t.completion_tokens.into());
+        row.insert("cost_usd".to_owned(), pico_to_usd(t.cost_pico).into());
+        row.into()
     }
 
     pub fn write_json(&self, out: &mut impl Write) -> io::Result<()> {
-        let t = &self.total;
+        let t = self.total();
+        let rows: Vec<serde_json::Value> = self
+            .groups
+            .iter()
+            .map(|(g, t)| self.json_row(g, t))
+            .collect();
         let report = serde_json::json!({
-            "rows": self.rows().collect::<Vec<_>>(),
+            "rows": rows,
             "total": {
                 "requests": t.requests,
                 "prompt_tokens": t.prompt_tokens,
@@ -139,36 +169,31 @@ impl Summary {
     }
 
     pub fn write_table(&self, out: &mut impl Write) -> io::Result<()> {
-        let header = [
-            "day",
-            "model",
-            "requests",
-            "prompt_tokens",
-            "completion_tokens",
-            "cost_usd",
-        ]
-        .map(str::to_owned);
-        let t = &self.total;
-        let mut lines: Vec<[String; 6]> = vec![header];
-        lines.extend(self.rows().map(|r| {
+        const NUMBERS: [&str; 4] = ["requests", "prompt_tokens", "completion_tokens", "cost_usd"];
+        let numbers = |t: &Totals| {
             [
-                r.day,
-                r.model.to_owned(),
-                r.requests.to_string(),
-                r.prompt_tokens.to_string(),
-                r.completion_tokens.to_string(),
-                r.cost_usd.to_string(),
+                t.requests.to_string(),
+                t.prompt_tokens.to_string(),
+                t.completion_tokens.to_string(),
+                pico_to_usd(t.cost_pico).to_string(),
             ]
-        }));
-        lines.push([
-            "total".to_owned(),
-            String::new(),
-            t.requests.to_string(),
-            t.prompt_tokens.to_string(),
-            t.completion_tokens.to_string(),
-            pico_to_usd(t.cost_pico).to_string(),
-        ]);
-        let mut widths = [0; 6];
+        };
+        let header: Vec<String> = self
+            .columns
+            .iter()
+            .chain(&NUMBERS)
+            .map(|c| (*c).to_owned())
+            .collect();
+        let mut lines = vec![header];
+        for (group, totals) in &self.groups {
+            lines.push(group.iter().cloned().chain(numbers(totals)).collect());
+        }
+        let mut total_row = vec![String::new(); self.columns.len()];
+        total_row[0] = "total".to_owned();
+        total_row.extend(numbers(&self.total()));
+        lines.push(total_row);
+
+        let mut widths = vec![0; self.columns.len() + NUMBERS.len()];
         for line in &lines {
             for (width, cell) in widths.iter_mut().zip(line) {
                 *width = (*width).max(cell.chars().count());
@@ -176,24 +201,35 @@ impl Summary {
         }
         for line in &lines {
             // Text columns to the left, numbers to the right.
-            let row = format!(
-                "{:<w0$}  {:<w1$}  {:>w2$}  {:>w3$}  {:>w4$}  {:>w5$}",
-                line[0],
-                line[1],
-                line[2],
-                line[3],
-                line[4],
-                line[5],
-                w0 = widths[0],
-                w1 = widths[1],
-                w2 = widths[2],
-                w3 = widths[3],
-                w4 = widths[4],
-                w5 = widths[5],
-            );
-            writeln!(out, "{}", row.trim_end())?;
+            let cells: Vec<String> = line
+                .iter()
+                .zip(&widths)
+                .enumerate()
+                .map(|(i, (cell, &width))| {
+                    if i < self.columns.len() {
+                        format!("{cell:<width$}")
+                    } else {
+                        format!("{cell:>width$}")
+                    }
+                })
+                .collect();
+            writeln!(out, "{}", cells.join("  ").trim_end())?;
         }
         Ok(())
+    }
+
+    /// Prints the table or the JSON report to stdout; `| head` is not a failure.
+    pub fn print(&self, json: bool) -> anyhow::Result<()> {
+        let mut out = io::stdout().lock();
+        let written = if json {
+            self.write_json(&mut out)
+        } else {
+            self.write_table(&mut out)
+        };
+        match written.and_then(|()| out.flush()) {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+            other => other.context("cannot write the report"),
+        }
     }
 }
 
@@ -208,7 +244,7 @@ pub fn run(opts: &Opts, data_dir: &Path) -> anyhow::Result<()> {
                 "maestra usage: no usage recorded yet ({} does not exist)",
                 path.display()
             );
-            Summary::default()
+            Summary::new(LOCAL_COLUMNS)
         }
         Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
     };
@@ -220,17 +256,7 @@ pub fn run(opts: &Opts, data_dir: &Path) -> anyhow::Result<()> {
             path.display()
         );
     }
-    let mut out = io::stdout().lock();
-    let written = if opts.json {
-        summary.write_json(&mut out)
-    } else {
-        summary.write_table(&mut out)
-    };
-    match written.and_then(|()| out.flush()) {
-        // `maestra usage | head` is not a failure.
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.context("cannot write the report"),
-    }
+    summary.print(opts.json)
 }
 
 #[cfg(test)]
@@ -255,7 +281,7 @@ not json at all
     fn requests_tokens_and_cost_are_summed_per_day_and_model() {
         let s = summary(None);
         let day = |d: &str| d.parse::<NaiveDate>().unwrap();
-        let mini = &s.by_day_and_model[&(day("2026-11-25"), "gpt-4o-mini".to_owned())];
+        let mini = &s.groups[&vec![day("2026-11-25").to_string(), "gpt-4o-mini".to_owned()]];
         assert_eq!(mini.requests, 2);
         assert_eq!((mini.prompt_tokens, mini.completion_tokens), (3000, 300));
         assert_eq!(
@@ -263,9 +289,9 @@ not json at all
             0.00063,
             "exact, no float drift"
         );
-        assert_eq!(s.by_day_and_model.len(), 4);
-        assert_eq!(s.total.requests, 5);
-        assert_eq!(pico_to_usd(s.total.cost_pico), 0.0006635);
+        assert_eq!(s.groups.len(), 4);
+        assert_eq!(s.total().requests, 5);
+        assert_eq!(pico_to_usd(s.total().cost_pico), 0.0006635);
     }
 
     #[test]
@@ -276,12 +302,8 @@ not json at all
     #[test]
     fn since_leaves_out_earlier_days() {
         let s = summary(Some("2026-11-25"));
-        assert_eq!(s.total.requests, 4);
-        assert!(
-            s.by_day_and_model
-                .keys()
-                .all(|(d, _)| d.to_string() == "2026-11-25")
-        );
+        assert_eq!(s.total().requests, 4);
+        assert!(s.groups.keys().all(|g| g[0] == "2026-11-25"));
     }
 
     #[test]

@@ -2,14 +2,12 @@
 //! context, answered by the same responder as the core endpoint. It belongs to no conversation
 //! and nothing of it is stored, except its line in the cost ledger.
 
-use std::time::Instant;
-
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::body::JsonObject;
 use super::caller::Caller;
-use super::core::OVERHEAD_HEADER;
 use super::errors::ApiError;
 use super::{AppState, request_id};
 use crate::domain::{MessageText, UserId, is_blank};
@@ -32,21 +30,17 @@ struct AskRequest {
 pub async fn ask(
     state: web::Data<AppState>,
     caller: Caller,
-    body: web::Json<serde_json::Value>,
+    body: web::Json<JsonObject>,
 ) -> Result<HttpResponse, ApiError> {
-    let started = Instant::now();
-    let question = parse(&state, caller, body.into_inner())?;
+    let question = parse(&state, caller, body.into_inner().into_value())?;
     let answer = state.service.ask(question).await?;
-    let overhead = (started.elapsed().as_secs_f64() * 1000.0 - answer.provider_ms).max(0.0);
-    Ok(HttpResponse::Ok()
-        .insert_header((OVERHEAD_HEADER, format!("{overhead:.3}")))
-        .json(json!({
-            "answer": answer.answer,
-            "model": answer.model,
-            "usage": answer.usage,
-            "created_at": answer.created_at,
-            "backend": state.mode.as_str(),
-        })))
+    Ok(HttpResponse::Ok().json(json!({
+        "answer": answer.answer,
+        "model": answer.model,
+        "usage": answer.usage,
+        "created_at": answer.created_at,
+        "backend": state.mode.as_str(),
+    })))
 }
 
 fn parse(state: &AppState, caller: Caller, body: serde_json::Value) -> Result<Question, ApiError> {

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
+use super::body::JsonObject;
 use super::caller::Caller;
 use super::errors::ApiError;
 use super::{AppState, request_id};
@@ -22,7 +23,7 @@ use crate::domain::TurnOutcome;
 use crate::domain::{ConversationId, MessageText, SurfaceId, Usage, UserId};
 use crate::idempotency::IdempotencyKey;
 use crate::metrics::Metrics;
-use crate::responder::Deltas;
+use crate::responder::{Deltas, ProviderClock};
 use crate::service::{Turn, TurnError};
 
 /// The backend's own time for a request: its duration minus the time spent waiting for the
@@ -62,7 +63,7 @@ pub async fn core(
     state: web::Data<AppState>,
     metrics: web::Data<Metrics>,
     caller: Caller,
-    body: web::Json<serde_json::Value>,
+    body: web::Json<JsonObject>,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let idempotency_key = request
@@ -73,16 +74,15 @@ pub async fn core(
         &state,
         caller,
         idempotency_key.as_deref(),
-        body.into_inner(),
+        body.into_inner().into_value(),
     )?;
     if stream || accepts_event_stream(&request) {
         return stream_turn(state, metrics, turn, started).await;
     }
     let outcome = finished(spawn_turn(&state, turn, None).await)?;
-    let overhead = overhead_ms(started, outcome.provider_ms, &metrics);
-    Ok(HttpResponse::Ok()
-        .insert_header((OVERHEAD_HEADER, format!("{overhead:.3}")))
-        .json(respond(outcome, state.mode.as_str())))
+    // The metric; the header is middleware::overhead_header's, for every response.
+    overhead_ms(started, outcome.provider_ms, &metrics);
+    Ok(HttpResponse::Ok().json(respond(outcome, state.mode.as_str())))
 }
 
 fn parse(
@@ -138,6 +138,7 @@ fn spawn_turn(
         }
     };
     let work = request_id::scope(request_id::current(), work).instrument(tracing::Span::current());
+    let work = ProviderClock::current().scope(work);
     tokio::spawn(work)
 }
 

@@ -7,6 +7,7 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::time::Instant;
 
+use actix_cors::CorsError;
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::error::InternalError;
@@ -20,15 +21,20 @@ use prometheus::IntGauge;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use super::core::OVERHEAD_HEADER;
 use super::errors::{ApiError, envelope};
 use super::request_id;
 use crate::metrics::Metrics;
+use crate::responder::ProviderClock;
 
 pub async fn request_context(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, Error> {
     let started = Instant::now();
+    if let Some(watch) = req.conn_data::<super::head_deadline::HeadWatch>() {
+        watch.head_arrived();
+    }
     let id = request_id::from_headers(req.headers());
     let metrics = req.app_data::<web::Data<Metrics>>().cloned();
     let method = req.method().clone();
@@ -108,7 +114,7 @@ async fn finished_error(response: HttpResponse) -> Error {
 
 /// Every response leaves with the request's id and, when it is an error, the JSON envelope.
 async fn finish(response: HttpResponse) -> HttpResponse {
-    let mut response = json_error_body(response).await;
+    let mut response = json_error_body(cors_refusal(response)).await;
     if let Ok(value) = HeaderValue::from_str(&request_id::current()) {
         response
             .headers_mut()
@@ -150,6 +156,33 @@ pub async fn body_deadline(
         req.set_payload(Payload::from(timed));
     }
     next.call(req).await
+}
+
+/// `X-Maestra-Overhead-Ms` on every response of the routes that ask the model, errors
+/// included: the request's time in the backend minus its wait for the provider. A stream's
+/// headers leave before the model is done, so a stream gives it in its `done` event instead.
+pub async fn overhead_header(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, Error> {
+    let started = Instant::now();
+    let clock = ProviderClock::default();
+    let mut response = clock.clone().scope(next.call(req)).await?;
+    let streamed = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if !streamed {
+        let overhead = started.elapsed().saturating_sub(clock.waited());
+        if let Ok(value) = HeaderValue::from_str(&format!("{:.3}", overhead.as_secs_f64() * 1000.0))
+        {
+            response
+                .headers_mut()
+                .insert(header::HeaderName::from_static(OVERHEAD_HEADER), value);
+        }
+    }
+    Ok(response)
 }
 
 /// Whether a body read failed because the body was too slow.
@@ -212,6 +245,27 @@ async fn json_error_body(response: HttpResponse) -> HttpResponse {
         }
     }
     rebuilt
+}
+
+/// actix-cors answers 400 to every CORS failure. An origin, method or header that the policy
+/// refuses is a 403; only a malformed preflight is a 400.
+fn cors_refusal(response: HttpResponse) -> HttpResponse {
+    let refused = response
+        .error()
+        .and_then(|e| e.as_error::<CorsError>())
+        .filter(|e| {
+            matches!(
+                e,
+                CorsError::OriginNotAllowed
+                    | CorsError::MethodNotAllowed
+                    | CorsError::HeadersNotAllowed
+            )
+        })
+        .map(|e| format!("CORS: {e}"));
+    match refused {
+        Some(reason) => ApiError::Forbidden(reason).error_response(),
+        None => response,
+    }
 }
 
 fn code_for(status: StatusCode) -> &'static str {

@@ -1,10 +1,12 @@
 //! The HTTP surface: routes, their extractors' error handling, and the middleware around them.
 
 mod advisor;
+pub mod body;
 mod caller;
 mod conversations;
 mod core;
 pub mod errors;
+pub mod head_deadline;
 mod health;
 mod metrics;
 pub mod middleware;
@@ -55,11 +57,12 @@ pub type CloudGate = GovernorConfig<UnverifiedByAddress, NoOpMiddleware>;
 /// Routes and extractor settings. With a gate (cloud mode), every `/api` route needs a key;
 /// `/health` never does.
 pub fn configure(cfg: &mut web::ServiceConfig, max_message_bytes: usize, gate: Option<&CloudGate>) {
-    // Room for the JSON around the message and for escapes inside it; past this, 413.
-    let body_limit = max_message_bytes.saturating_mul(2) + 16 * 1024;
+    // Past these, 413: room for each text the route takes, however it is escaped.
+    let core_limit = body::body_limit(max_message_bytes, 1);
+    let advisor_limit = body::body_limit(max_message_bytes, 2);
     cfg.app_data(
         web::JsonConfig::default()
-            .limit(body_limit)
+            .limit(core_limit)
             .error_handler(json_error),
     )
     .app_data(web::QueryConfig::default().error_handler(query_error))
@@ -91,24 +94,32 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_message_bytes: usize, gate: O
     )
     .default_service(web::to(not_found));
     match gate {
-        None => cfg.service(api_routes()),
+        None => cfg.service(api_routes(advisor_limit)),
         Some(gate) => cfg.service(
-            api_routes()
+            api_routes(advisor_limit)
                 .wrap(from_fn(require_api_key))
                 .wrap(Governor::new(gate)),
         ),
     };
 }
 
-fn api_routes() -> Scope {
+fn api_routes(advisor_limit: usize) -> Scope {
     web::scope("/api")
         .service(
             web::resource("/maestra/core")
+                .wrap(from_fn(middleware::overhead_header))
                 .route(web::post().to(core::core))
                 .default_service(web::to(only("POST"))),
         )
         .service(
             web::resource("/maestra/advisor/ask")
+                // A question and its context: two texts.
+                .app_data(
+                    web::JsonConfig::default()
+                        .limit(advisor_limit)
+                        .error_handler(json_error),
+                )
+                .wrap(from_fn(middleware::overhead_header))
                 .route(web::post().to(advisor::ask))
                 .default_service(web::to(only("POST"))),
         )
@@ -152,22 +163,18 @@ fn api_routes() -> Scope {
 }
 
 /// Browsers may call only from extension pages (and the configured extra origins): a web page
-/// must not read someone's conversations off their loopback server.
-pub fn cors(extra_origins: &[String]) -> Cors {
+/// must not read someone's conversations off their loopback server. With `extension_ids`,
+/// only those extensions: any other installed one must not read them either.
+pub fn cors(extra_origins: &[String], extension_ids: &[String]) -> Cors {
     let extra: Vec<String> = extra_origins.to_vec();
+    let extension_ids: Vec<String> = extension_ids.to_vec();
     Cors::default()
         .allowed_origin_fn(move |origin, _| {
             let Ok(origin) = origin.to_str() else {
                 return false;
             };
-            [
-                "chrome-extension://",
-                "moz-extension://",
-                "safari-web-extension://",
-            ]
-            .iter()
-            .any(|scheme| origin.starts_with(scheme))
-                || extra.iter().any(|allowed| allowed == origin)
+            extra.iter().any(|allowed| allowed == origin)
+                || is_allowed_extension(origin, &extension_ids)
         })
         .allowed_methods([Method::GET, Method::POST, Method::DELETE])
         .allowed_headers([
@@ -184,6 +191,19 @@ pub fn cors(extra_origins: &[String]) -> Cors {
             header::HeaderName::from_static(core::OVERHEAD_HEADER),
         ])
         .max_age(3600)
+}
+
+/// An extension page's origin (`chrome-extension://<id>`, …) whose id is allowed: any id when
+/// none are configured.
+fn is_allowed_extension(origin: &str, extension_ids: &[String]) -> bool {
+    [
+        "chrome-extension://",
+        "moz-extension://",
+        "safari-web-extension://",
+    ]
+    .iter()
+    .filter_map(|scheme| origin.strip_prefix(scheme))
+    .any(|id| extension_ids.is_empty() || extension_ids.iter().any(|allowed| allowed == id))
 }
 
 async fn not_found(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
@@ -235,8 +255,13 @@ fn json_error(error: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
     api_error.into()
 }
 
+/// A repeated parameter is refused, as a repeated key in a JSON body is ("duplicate field").
 fn query_error(error: QueryPayloadError, _: &HttpRequest) -> actix_web::Error {
-    ApiError::InvalidRequest(format!("invalid query string: {error}")).into()
+    let message = match &error {
+        QueryPayloadError::Deserialize(cause) => format!("invalid query string: {cause}"),
+        other => format!("invalid query string: {other}"),
+    };
+    ApiError::InvalidRequest(message).into()
 }
 
 fn path_error(error: PathError, _: &HttpRequest) -> actix_web::Error {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use actix_web::{HttpResponse, web};
 
+use super::body::JsonObject;
 use super::caller::Caller;
 use super::errors::ApiError;
 use super::{AppState, from_body};
@@ -28,12 +29,12 @@ pub async fn push(
     state: web::Data<AppState>,
     metrics: web::Data<Metrics>,
     caller: Caller,
-    body: web::Json<serde_json::Value>,
+    body: web::Json<JsonObject>,
 ) -> Result<HttpResponse, ApiError> {
     let SyncSide::Cloud(cloud) = &state.sync else {
         return Err(no_route("POST /api/maestra/sync/push"));
     };
-    let request: PushRequest = from_body(body.into_inner())?;
+    let request: PushRequest = from_body(body.into_inner().into_value())?;
     if request.records.len() > MAX_RECORDS {
         return Err(ApiError::PayloadTooLarge(format!(
             "records: {} in one push; send at most {MAX_RECORDS}",
@@ -64,12 +65,12 @@ pub async fn pull(
     state: web::Data<AppState>,
     metrics: web::Data<Metrics>,
     caller: Caller,
-    body: web::Json<serde_json::Value>,
+    body: web::Json<JsonObject>,
 ) -> Result<HttpResponse, ApiError> {
     let SyncSide::Cloud(cloud) = &state.sync else {
         return Err(no_route("POST /api/maestra/sync/pull"));
     };
-    let request: PullRequest = from_body(body.into_inner())?;
+    let request: PullRequest = from_body(body.into_inner().into_value())?;
     let limit = request.limit.unwrap_or(MAX_RECORDS);
     if !(1..=MAX_RECORDS).contains(&limit) {
         return Err(InvalidInput::new("limit", format!("must be 1-{MAX_RECORDS}")).into());

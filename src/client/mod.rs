@@ -123,16 +123,32 @@ pub struct BackendHealth {
     pub sync: Option<Value>,
 }
 
+/// Both backends' health: what `maestra health --json` prints and the `maestra_health` MCP
+/// tool returns, serialized from this one struct so that the two always say the same.
 #[derive(Debug, Clone, Serialize)]
 pub struct HealthReport {
     pub local: BackendHealth,
     /// `None` when `MAESTRA_CLOUD_URL` is not set.
     pub cloud: Option<BackendHealth>,
+    /// At least one backend is healthy (`maestra health` exits 0).
+    pub any_healthy: bool,
+    /// `MAESTRA_FALLBACK_ENABLED`: whether the cloud is asked when local cannot answer.
+    pub fallback_enabled: bool,
 }
 
 impl HealthReport {
+    fn new(local: BackendHealth, cloud: Option<BackendHealth>, fallback_enabled: bool) -> Self {
+        let any_healthy = local.healthy || cloud.as_ref().is_some_and(|c| c.healthy);
+        Self {
+            local,
+            cloud,
+            any_healthy,
+            fallback_enabled,
+        }
+    }
+
     pub fn any_healthy(&self) -> bool {
-        self.local.healthy || self.cloud.as_ref().is_some_and(|c| c.healthy)
+        self.any_healthy
     }
 }
 
@@ -349,7 +365,7 @@ impl MaestraClient {
             }
         };
         let (local, cloud) = tokio::join!(health_of(&self.local), cloud);
-        HealthReport { local, cloud }
+        HealthReport::new(local, cloud, self.fallback_enabled)
     }
 
     /// Sends to the local backend, and to the cloud when the local one cannot answer and

@@ -25,13 +25,21 @@ pub struct ClientSettings {
     pub fallback_enabled: bool,
     /// `MAESTRA_DATA_DIR` (`~/` expanded), else `~/.8825`; none when neither can be known.
     data_dir: Option<PathBuf>,
-    /// `MAESTRA_USER_ID`, else the OS user name (`$USER`, `$LOGNAME`).
+    /// `MAESTRA_USER_ID`, else the OS user name (`$USER`, `$LOGNAME`, else the account's
+    /// name from the system).
     pub default_user: Option<String>,
 }
 
 impl ClientSettings {
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_vars(&std::env::vars().collect())
+        let mut settings = Self::from_vars(&std::env::vars().collect())?;
+        // Containers, launchd and systemd often leave $USER unset; the account still has a name.
+        if settings.default_user.is_none() {
+            settings.default_user = whoami::fallible::username()
+                .ok()
+                .filter(|name| !name.trim().is_empty());
+        }
+        Ok(settings)
     }
 
     /// Settings from the given variables (tests pass their own).

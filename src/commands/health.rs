@@ -21,7 +21,7 @@ pub fn run(args: HealthArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", table(&report, settings.fallback_enabled));
+        print!("{}", table(&report));
     }
     if report.any_healthy() {
         Ok(())
@@ -30,7 +30,7 @@ pub fn run(args: HealthArgs) -> anyhow::Result<()> {
     }
 }
 
-fn table(report: &HealthReport, fallback_enabled: bool) -> String {
+fn table(report: &HealthReport) -> String {
     let header = [
         "BACKEND", "URL", "STATUS", "VERSION", "MODE", "LATENCY", "DETAIL",
     ]
@@ -77,7 +77,7 @@ fn table(report: &HealthReport, fallback_enabled: bool) -> String {
     }
     out.push_str(&format!(
         "fallback to the cloud: {}\n",
-        if fallback_enabled {
+        if report.fallback_enabled {
             "enabled"
         } else {
             "disabled (MAESTRA_FALLBACK_ENABLED)"

@@ -54,8 +54,8 @@ pub struct CreateArgs {
     /// This key's own quota as REQUESTS/SECONDS, e.g. 1000/60 (default: the server's).
     #[arg(long, value_parser = parse_quota)]
     rate_limit: Option<Quota>,
-    /// The key stops working after this long, e.g. 90d.
-    #[arg(long, value_parser = parse_duration)]
+    /// The key stops working after this long, e.g. 90d (more than 0).
+    #[arg(long, value_parser = parse_lifetime)]
     expires_in: Option<Duration>,
 }
 
@@ -102,18 +102,21 @@ async fn list(pool: &PgPool, tenant: Option<String>) -> anyhow::Result<()> {
     let rows = repository::list(pool, tenant.as_deref()).await?;
     let now = Utc::now();
     println!(
-        "{:<16}  {:<16}  {:<20}  {:<12}  {:<20}  {:<20}  STATE",
-        "ID", "TENANT", "LABEL", "RATE LIMIT", "CREATED", "LAST USED"
+        "{:<16}  {:<16}  {:<20}  {:<12}  {:<20}  {:<20}  {:<20}  STATE",
+        "ID", "TENANT", "LABEL", "RATE LIMIT", "CREATED", "LAST USED", "EXPIRES"
     );
     for row in &rows {
         println!(
-            "{:<16}  {:<16}  {:<20}  {:<12}  {:<20}  {:<20}  {}",
+            "{:<16}  {:<16}  {:<20}  {:<12}  {:<20}  {:<20}  {:<20}  {}",
             row.id,
             row.tenant_id,
             row.label.as_deref().unwrap_or("-"),
             quota_text(row),
             when(row.created_at),
             row.last_used_at
+                .map(when)
+                .unwrap_or_else(|| "never".to_owned()),
+            row.expires_at
                 .map(when)
                 .unwrap_or_else(|| "never".to_owned()),
             row.state_at(now),
@@ -163,6 +166,14 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("{e} (e.g. 30s, 15m, 24h, 7d)"))
 }
 
+/// A key's lifetime: a key that is expired when it is created is a mistake, not a key.
+fn parse_lifetime(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        zero if zero.is_zero() => Err("must be longer than 0 (e.g. 90d)".to_owned()),
+        lifetime => Ok(lifetime),
+    }
+}
+
 fn parse_quota(text: &str) -> Result<Quota, String> {
     let invalid = || format!("{text:?} is not REQUESTS/SECONDS, e.g. 1000/60");
     let (requests, seconds) = text.split_once('/').ok_or_else(invalid)?;
@@ -193,5 +204,12 @@ mod tests {
         assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn a_key_cannot_be_created_already_expired() {
+        assert!(parse_lifetime("0s").is_err());
+        assert!(parse_lifetime("0d").is_err());
+        assert_eq!(parse_lifetime("1s").unwrap(), Duration::from_secs(1));
     }
 }

@@ -1,15 +1,13 @@
 //! `maestra usage`: requests, tokens and cost per day and model. Local mode reads the ledger
 //! file; cloud mode (MAESTRA_MODE=cloud) reads the `usage` table, per tenant and key too.
 
-use std::io::{self, Write};
-
+use anyhow::Context;
 use chrono::NaiveDate;
-use serde::Serialize;
 use sqlx::{FromRow, PgPool};
 
 use crate::config::Mode;
 use crate::db;
-use crate::usage_report;
+use crate::usage_report::{self, Summary};
 
 pub fn run(opts: &usage_report::Opts) -> anyhow::Result<()> {
     let (settings, _telemetry) = super::quiet_settings()?;
@@ -20,14 +18,17 @@ pub fn run(opts: &usage_report::Opts) -> anyhow::Result<()> {
             super::one_shot_runtime()?.block_on(async {
                 let pool = db::connect(&url, 1).await?;
                 let rows = cloud_usage(&pool, opts.since).await?;
-                print(&rows, opts.json)
+                summary(rows)?.print(opts.json)
             })
         }
     }
 }
 
+/// The cloud table's grouping.
+pub const CLOUD_COLUMNS: &[&str] = &["day", "tenant", "key", "model"];
+
 /// One day, tenant, key and model.
-#[derive(Debug, FromRow, Serialize)]
+#[derive(Debug, FromRow)]
 pub struct CloudUsage {
     pub day: String,
     pub tenant: String,
@@ -36,7 +37,9 @@ pub struct CloudUsage {
     pub requests: i64,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
-    pub cost_usd: f64,
+    /// Whole pico-dollars, each request's cost rounded as the local ledger's are, as text
+    /// (the sum may exceed a bigint).
+    pub cost_pico: String,
 }
 
 pub async fn cloud_usage(
@@ -48,7 +51,7 @@ pub async fn cloud_usage(
                 COALESCE(api_key_id, '-') AS key, model, count(*) AS requests,
                 sum(prompt_tokens)::bigint AS prompt_tokens,
                 sum(completion_tokens)::bigint AS completion_tokens,
-                sum(cost_usd) AS cost_usd
+                sum(round(greatest(cost_usd, 0)::numeric * 1000000000000))::text AS cost_pico
          FROM usage
          WHERE $1::date IS NULL OR ts >= $1::date
          GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
@@ -58,42 +61,25 @@ pub async fn cloud_usage(
     .await
 }
 
-fn print(rows: &[CloudUsage], json: bool) -> anyhow::Result<()> {
-    let mut out = io::stdout().lock();
-    let written = if json {
-        serde_json::to_writer_pretty(&mut out, rows).map_err(io::Error::from)
-    } else {
-        writeln!(
-            out,
-            "{:<10}  {:<16}  {:<16}  {:<24}  {:>8}  {:>13}  {:>17}  {:>10}",
-            "day",
-            "tenant",
-            "key",
-            "model",
-            "requests",
-            "prompt_tokens",
-            "completion_tokens",
-            "cost_usd"
-        )
-        .and_then(|()| {
-            rows.iter().try_for_each(|r| {
-                writeln!(
-                    out,
-                    "{:<10}  {:<16}  {:<16}  {:<24}  {:>8}  {:>13}  {:>17}  {:>10.6}",
-                    r.day,
-                    r.tenant,
-                    r.key,
-                    r.model,
-                    r.requests,
-                    r.prompt_tokens,
-                    r.completion_tokens,
-                    r.cost_usd
-                )
-            })
-        })
-    };
-    match written.and_then(|()| out.flush()) {
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        other => Ok(other?),
+/// The rows in the report local mode prints too: same columns of numbers, same total row,
+/// same cost format.
+pub fn summary(rows: Vec<CloudUsage>) -> anyhow::Result<Summary> {
+    let mut summary = Summary::new(CLOUD_COLUMNS);
+    for row in rows {
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        let cost_pico: u128 = row.cost_pico.parse().with_context(|| {
+            format!(
+                "the usage table holds an unreadable cost {:?}",
+                row.cost_pico
+            )
+        })?;
+        summary.add(
+            vec![row.day, row.tenant, row.key, row.model],
+            count(row.requests),
+            count(row.prompt_tokens),
+            count(row.completion_tokens),
+            cost_pico,
+        );
     }
+    Ok(summary)
 }

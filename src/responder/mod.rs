@@ -8,6 +8,8 @@ pub mod pricing;
 mod sse;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -96,9 +98,70 @@ pub trait Responder: Send + Sync + 'static {
     }
 }
 
+tokio::task_local! {
+    static PROVIDER_WAIT: Arc<AtomicU64>;
+}
+
+/// How long the current request has waited for the model provider, whatever the outcome: the
+/// HTTP layer starts one per request (for `X-Maestra-Overhead-Ms`), the turn's task carries
+/// it on, and every responder call adds its time.
+#[derive(Clone, Default)]
+pub struct ProviderClock(Arc<AtomicU64>);
+
+impl ProviderClock {
+    /// Runs `future` with this clock as the current one.
+    pub async fn scope<F: Future>(self, future: F) -> F::Output {
+        PROVIDER_WAIT.scope(self.0, future).await
+    }
+
+    /// The current request's clock, or a new one that nobody reads.
+    pub fn current() -> Self {
+        PROVIDER_WAIT
+            .try_with(|wait| Self(Arc::clone(wait)))
+            .unwrap_or_default()
+    }
+
+    pub fn waited(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::Relaxed))
+    }
+
+    fn add(&self, waited: Duration) {
+        let nanos = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        self.0.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+/// Adds each call's time to the current request's `ProviderClock`.
+struct Clocked(Arc<dyn Responder>);
+
+#[async_trait]
+impl Responder for Clocked {
+    async fn reply(&self, prompt: Prompt<'_>) -> Result<Reply, ResponderError> {
+        let started = Instant::now();
+        let reply = self.0.reply(prompt).await;
+        ProviderClock::current().add(started.elapsed());
+        reply
+    }
+
+    async fn reply_streaming(
+        &self,
+        prompt: Prompt<'_>,
+        deltas: &Deltas,
+    ) -> Result<Reply, ResponderError> {
+        let started = Instant::now();
+        let reply = self.0.reply_streaming(prompt, deltas).await;
+        ProviderClock::current().add(started.elapsed());
+        reply
+    }
+}
+
 /// The responder the settings ask for: the OpenAI-compatible provider when a base URL is set,
-/// else the offline one.
+/// else the offline one; timed for the request's `ProviderClock`.
 pub fn from_settings(settings: &LlmSettings) -> anyhow::Result<Arc<dyn Responder>> {
+    Ok(Arc::new(Clocked(chosen(settings)?)))
+}
+
+fn chosen(settings: &LlmSettings) -> anyhow::Result<Arc<dyn Responder>> {
     match &settings.provider {
         Some(provider) => {
             tracing::info!(

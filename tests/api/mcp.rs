@@ -436,3 +436,113 @@ async fn stdout_carries_only_json_rpc_even_with_debug_logs_on() {
         "debug logs should be on stderr"
     );
 }
+
+/// The keys of a JSON value, at every depth, as paths (`local.status`, `cloud`, …).
+fn shape(value: &Value, prefix: &str, into: &mut Vec<String>) {
+    if let Value::Object(map) = value {
+        for (key, inner) in map {
+            let path = format!("{prefix}{key}");
+            into.push(path.clone());
+            shape(inner, &format!("{path}."), into);
+        }
+    }
+    into.sort();
+}
+
+#[tokio::test]
+async fn maestra_health_and_health_json_give_one_shape() {
+    let local = spawn_app().await;
+    let home = tempfile::tempdir().unwrap();
+    let vars = [
+        ("MAESTRA_LOCAL_URL", local.address.as_str()),
+        ("MAESTRA_CLOUD_URL", "http://127.0.0.1:9"),
+    ];
+    let output = maestra(home.path(), &vars, &["health", "--json"]).await;
+    assert!(output.status.success());
+    let cli: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let ide = Session::start(&vars).await;
+    let tool = structured(&ide.call("maestra_health", json!({})).await).clone();
+
+    let (mut cli_shape, mut tool_shape) = (Vec::new(), Vec::new());
+    shape(&cli, "", &mut cli_shape);
+    shape(&tool, "", &mut tool_shape);
+    assert_eq!(cli_shape, tool_shape, "CLI: {cli}\nMCP: {tool}");
+    for report in [&cli, &tool] {
+        assert_eq!(report["any_healthy"], true, "{report}");
+        assert_eq!(report["fallback_enabled"], false, "{report}");
+        assert_eq!(report["cloud"]["status"], "unreachable", "{report}");
+    }
+}
+
+#[tokio::test]
+async fn optional_arguments_are_plain_types_that_every_client_can_send() {
+    let local = spawn_app().await;
+    let ide = Session::start(&[("MAESTRA_LOCAL_URL", local.address.as_str())]).await;
+    for tool in ide.client.list_all_tools().await.unwrap() {
+        let schema = Value::Object(tool.input_schema.as_ref().clone());
+        let required: Vec<&str> = schema["required"]
+            .as_array()
+            .map(|r| r.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        for (name, property) in schema["properties"].as_object().unwrap() {
+            assert!(
+                property["type"].is_string(),
+                "{}.{name}: {property}",
+                tool.name
+            );
+            if ["after_seq", "limit"].contains(&name.as_str()) {
+                assert_eq!(property["type"], "integer", "{}.{name}", tool.name);
+                assert!(!required.contains(&name.as_str()), "{name} is optional");
+            }
+        }
+    }
+    // An integer is sent as one, and leaving it out still works.
+    local.say("ana", "cli", Some("conv_h"), "one").await;
+    local.say("ana", "cli", Some("conv_h"), "two").await;
+    let page = ide
+        .call(
+            "maestra_history",
+            json!({"conversation_id": "conv_h", "user_id": "ana", "after_seq": 2, "limit": 1}),
+        )
+        .await;
+    let page = structured(&page);
+    assert_eq!(page["messages"][0]["seq"], 3, "{page}");
+    let all = ide
+        .call(
+            "maestra_history",
+            json!({"conversation_id": "conv_h", "user_id": "ana"}),
+        )
+        .await;
+    assert_eq!(structured(&all)["messages"].as_array().unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn without_user_the_tools_use_the_accounts_name_from_the_system() {
+    // maestra_command clears the environment: no USER, no LOGNAME, no MAESTRA_USER_ID.
+    let local = spawn_app().await;
+    let ide = Session::start(&[("MAESTRA_LOCAL_URL", local.address.as_str())]).await;
+    let asked = ide.call("maestra_ask", json!({"message": "Hello"})).await;
+    let body = structured(&asked).clone();
+    let account = whoami::fallible::username().unwrap();
+    let conversation = body["conversation_id"].as_str().unwrap();
+    let stored = local.messages(&account, conversation).await;
+    assert_eq!(stored.len(), 2, "stored under {account}");
+
+    let home = tempfile::tempdir().unwrap();
+    let output = maestra(
+        home.path(),
+        &[("MAESTRA_LOCAL_URL", local.address.as_str())],
+        &["ask", "--json", "Hello"],
+    )
+    .await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let body: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let stored = local
+        .messages(&account, body["conversation_id"].as_str().unwrap())
+        .await;
+    assert_eq!(stored.len(), 2);
+}

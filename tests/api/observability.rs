@@ -498,3 +498,51 @@ async fn wait_for_port(stdout: &std::path::Path, child: &mut std::process::Child
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn an_unreachable_collector_is_one_warning_not_one_per_batch() {
+    let data = tempfile::tempdir().unwrap();
+    let stdout_path = data.path().join("stdout.log");
+    let stderr_path = data.path().join("stderr.log");
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let endpoint = format!("http://127.0.0.1:{closed}");
+    let mut command = crate::helpers::maestra_command(
+        data.path(),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            // Export every 100 ms, so that the test sees many batches fail.
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    command
+        .stdout(std::fs::File::create(&stdout_path).unwrap())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .arg("serve");
+    let mut child = command.spawn().unwrap();
+    let port = wait_for_port(&stdout_path, &mut child).await;
+    let client = reqwest::Client::new();
+    for _ in 0..8 {
+        let response = client
+            .get(format!("http://127.0.0.1:{port}/health"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success());
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("OpenTelemetry collector"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    let warning: Value = serde_json::from_str(warnings[0]).unwrap();
+    assert_eq!(warning["level"], "WARN", "{warning}");
+}

@@ -346,7 +346,9 @@ async fn cloud_usage_is_reported_per_tenant_and_key(
         .unwrap()
     };
     assert!(cloud.status.success(), "{}", text(&cloud.stderr));
-    let rows: serde_json::Value = serde_json::from_slice(&cloud.stdout).unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&cloud.stdout).unwrap();
+    let rows = &report["rows"];
+    assert_eq!(report["total"]["requests"], 3, "{report}");
     let requests = |tenant: &str| -> i64 {
         rows.as_array()
             .unwrap()
@@ -363,4 +365,129 @@ async fn cloud_usage_is_reported_per_tenant_and_key(
             .iter()
             .any(|r| r["key"] == acme_id.as_str())
     );
+}
+
+#[sqlx::test(migrations = false)]
+async fn keys_list_shows_when_a_key_expires_and_none_is_born_expired(
+    _: sqlx::postgres::PgPoolOptions,
+    db: sqlx::postgres::PgConnectOptions,
+) {
+    let url = crate::helpers::database_url(&db);
+    let born_expired = maestra_db(
+        &url,
+        &["keys", "create", "--tenant", "acme", "--expires-in", "0s"],
+    );
+    assert_eq!(born_expired.status.code(), Some(2), "a usage error");
+    assert!(text(&born_expired.stderr).contains("longer than 0"));
+
+    let created = maestra_db(
+        &url,
+        &["keys", "create", "--tenant", "acme", "--expires-in", "30d"],
+    );
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let forever = maestra_db(&url, &["keys", "create", "--tenant", "acme"]);
+    assert!(forever.status.success());
+    let listing = text(&maestra_db(&url, &["keys", "list"]).stdout);
+    let header = listing.lines().next().unwrap();
+    assert!(header.contains("EXPIRES"), "{listing}");
+    let expiry = (chrono::Utc::now() + chrono::Duration::days(30))
+        .format("%Y-%m-%d")
+        .to_string();
+    let id = |output: &std::process::Output| text(&output.stdout)[3..15].to_owned();
+    let row = |id: &str| {
+        listing
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap()
+            .to_owned()
+    };
+    assert!(row(&id(&created)).contains(&expiry), "{listing}");
+    let never = row(&id(&forever));
+    assert_eq!(
+        never.matches("never").count(),
+        2,
+        "last used, expires: {never}"
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn local_and_cloud_usage_print_one_format_with_a_total_row(
+    _: sqlx::postgres::PgPoolOptions,
+    db: sqlx::postgres::PgConnectOptions,
+) {
+    use crate::fake_provider::{FakeProvider, Step};
+    let provider = FakeProvider::start(Step::reply("Priced.")).await;
+    let llm = [
+        ("MAESTRA_LLM_BASE_URL", provider.base_url.as_str()),
+        ("MAESTRA_LLM_MODEL", crate::helpers::TEST_MODEL),
+        ("MAESTRA_LLM_PRICE_INPUT", crate::helpers::TEST_PRICE_INPUT),
+        (
+            "MAESTRA_LLM_PRICE_OUTPUT",
+            crate::helpers::TEST_PRICE_OUTPUT,
+        ),
+    ];
+    let url = crate::helpers::database_url(&db);
+    let cloud = crate::helpers::spawn_cloud_app_at(&url, &url, &llm).await;
+    let local = crate::helpers::spawn_app_with(&llm).await;
+    for i in 0..2 {
+        let body = json!({"user_id": "ana", "surface_id": "cli", "message": format!("m{i}")});
+        assert_eq!(cloud.core(&cloud.api_key, &body).await.status(), 200);
+        assert_eq!(local.post_core(&body).await.status(), 200);
+    }
+    let usage = |dir: &std::path::Path, vars: &[(&str, &str)], json: bool| {
+        let mut command = maestra_command(dir, vars);
+        command.arg("usage");
+        if json {
+            command.arg("--json");
+        }
+        let output = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        text(&output.stdout)
+    };
+    let home = tempfile::tempdir().unwrap();
+    let cloud_vars = [("DATABASE_URL", url.as_str()), ("MAESTRA_MODE", "cloud")];
+    let tables = [
+        usage(local.data_dir.path(), &[], false),
+        usage(home.path(), &cloud_vars, false),
+    ];
+    // 2 × (1200 prompt tokens at 2.5 USD + 340 completion tokens at 10 USD per million).
+    for table in &tables {
+        let lines: Vec<Vec<&str>> = table
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        let header = &lines[0];
+        assert_eq!(
+            header[header.len() - 4..],
+            ["requests", "prompt_tokens", "completion_tokens", "cost_usd"],
+            "{table}"
+        );
+        assert_eq!(
+            lines.last().unwrap(),
+            &["total", "2", "2400", "680", "0.0128"],
+            "{table}"
+        );
+        let row = &lines[1];
+        assert_eq!(
+            row[row.len() - 4..],
+            ["2", "2400", "680", "0.0128"],
+            "{table}"
+        );
+    }
+    let reports: Vec<serde_json::Value> = [
+        usage(local.data_dir.path(), &[], true),
+        usage(home.path(), &cloud_vars, true),
+    ]
+    .iter()
+    .map(|text| serde_json::from_str(text).unwrap())
+    .collect();
+    for report in &reports {
+        assert_eq!(report["total"]["cost_usd"], 0.0128, "{report}");
+        assert_eq!(report["skipped_lines"], 0, "{report}");
+        assert_eq!(report["rows"][0]["cost_usd"], 0.0128, "{report}");
+    }
 }
