@@ -161,19 +161,7 @@ async fn store_message(
     api_key_id: Option<&str>,
     record: &Record,
 ) -> Result<(bool, bool), StoreError> {
-    let Record::Message {
-        user_id,
-        conversation_id,
-        id,
-        role,
-        surface_id,
-        content,
-        created_at,
-        model,
-        usage,
-        ..
-    } = record
-    else {
+    let Some((user_id, conversation_id, message)) = record.clone().into_message() else {
         return Ok((false, false));
     };
     // No usage row: its cost was counted where the reply was made.
@@ -213,15 +201,15 @@ async fn store_message(
     .bind(tenant)
     .bind(conversation_id.as_str())
     .bind(user_id.as_str())
-    .bind(id.as_str())
-    .bind(role_name(*role))
-    .bind(surface_id.as_str())
-    .bind(created_at)
-    .bind(content)
-    .bind(model)
-    .bind(usage.map(|u| u.prompt_tokens as i64))
-    .bind(usage.map(|u| u.completion_tokens as i64))
-    .bind(usage.map(|u| u.cost_usd))
+    .bind(&message.id)
+    .bind(role_name(message.role))
+    .bind(message.surface_id.as_str())
+    .bind(message.created_at)
+    .bind(&message.content)
+    .bind(&message.model)
+    .bind(message.usage.map(|u| u.prompt_tokens as i64))
+    .bind(message.usage.map(|u| u.completion_tokens as i64))
+    .bind(message.usage.map(|u| u.cost_usd))
     .bind(api_key_id)
     .bind(origin)
     .fetch_one(&mut **tx)

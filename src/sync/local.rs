@@ -501,31 +501,14 @@ impl Engine {
         let mut waiting: HashMap<(UserId, ConversationId), Vec<Message>> = HashMap::new();
         for record in records {
             match record {
-                Record::Message {
-                    user_id,
-                    conversation_id,
-                    id,
-                    role,
-                    surface_id,
-                    content,
-                    created_at,
-                    model,
-                    usage,
-                    origin,
-                } => waiting
-                    .entry((user_id, conversation_id))
-                    .or_default()
-                    .push(Message {
-                        id: id.into(),
-                        seq: 0,
-                        role,
-                        surface_id,
-                        content,
-                        created_at,
-                        model,
-                        usage,
-                        origin: Some(origin.unwrap_or_else(|| CLOUD_ORIGIN.to_owned())),
-                    }),
+                record @ Record::Message { .. } => {
+                    if let Some((user, conversation, message)) = record.into_message() {
+                        waiting
+                            .entry((user, conversation))
+                            .or_default()
+                            .push(message);
+                    }
+                }
                 Record::Deletion {
                     user_id,
                     conversation_id,

@@ -99,6 +99,38 @@ impl Record {
         })
     }
 
+    /// A message record as the message it carries (seq 0: the receiver numbers it; origin
+    /// `cloud` when the record names none), with its owner and conversation.
+    pub fn into_message(self) -> Option<(UserId, ConversationId, Message)> {
+        let Record::Message {
+            user_id,
+            conversation_id,
+            id,
+            role,
+            surface_id,
+            content,
+            created_at,
+            model,
+            usage,
+            origin,
+        } = self
+        else {
+            return None;
+        };
+        let message = Message {
+            id: id.into(),
+            seq: 0,
+            role,
+            surface_id,
+            content,
+            created_at,
+            model,
+            usage,
+            origin: Some(origin.unwrap_or_else(|| CLOUD_ORIGIN.to_owned())),
+        };
+        Some((user_id, conversation_id, message))
+    }
+
     pub fn of_deletion(deletion: Deletion) -> Self {
         Record::Deletion {
             user_id: deletion.user_id,
