@@ -5,6 +5,7 @@
 //! names the variable to fix. Loading reads and never writes.
 
 mod llm;
+mod replicas;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -21,6 +22,7 @@ use serde::Deserialize;
 use crate::ratelimit::Quota;
 
 pub use llm::{LlmSettings, ProviderSettings};
+pub use replicas::{PoolMode, ReplicaSettings};
 
 const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 const LOCAL_TOML: &str = include_str!("../config/local.toml");
@@ -107,6 +109,8 @@ pub struct Settings {
     /// How long a request body may take to arrive (slow clients are cut off with 408).
     pub body_timeout: Duration,
     pub llm: LlmSettings,
+    /// Cloud mode on several replicas: the rate limiter's store, Postgres through a pooler.
+    pub replicas: ReplicaSettings,
 }
 
 impl Settings {
@@ -144,6 +148,14 @@ struct Raw {
     metrics_token: Option<String>,
     drain_seconds: Option<String>,
     body_timeout_seconds: Option<String>,
+    // Several replicas (parsed in config/replicas.rs).
+    rate_limit_backend: Option<String>,
+    redis_url: Option<String>,
+    redis_cluster: Option<String>,
+    redis_timeout_ms: Option<String>,
+    replicas: Option<String>,
+    db_pool_mode: Option<String>,
+    database_direct_url: Option<String>,
     // The model provider (parsed in config/llm.rs).
     history_chars: Option<String>,
     llm_base_url: Option<String>,
@@ -202,6 +214,7 @@ impl Settings {
 
     fn parse(mode: Mode, raw: Raw, home: Option<&str>) -> Result<Self, ConfigError> {
         let llm = llm::parse(&raw)?;
+        let replicas = replicas::parse(&raw)?;
         let database_url = non_empty(raw.database_url)
             .map(parse_database_url)
             .transpose()?;
@@ -226,6 +239,7 @@ impl Settings {
         };
         Ok(Self {
             llm,
+            replicas,
             mode,
             host: parse_host(&required("MAESTRA_HOST", raw.host)?)?,
             port,

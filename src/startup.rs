@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use actix_governor::GovernorConfigBuilder;
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::middleware::{Condition, from_fn};
 use actix_web::{App, HttpServer, web};
@@ -17,15 +16,14 @@ use anyhow::{Context, bail};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::AbortHandle;
 
-use crate::api::{self, AppState, CloudGate, middleware};
+use crate::api::{self, AppState, middleware};
 use crate::auth::Authenticator;
-use crate::auth::middleware::UnverifiedByAddress;
 use crate::auth::repository;
 use crate::config::{Mode, PortChoice, Settings};
 use crate::db;
 use crate::idempotency::{FileIdempotency, PgIdempotency};
 use crate::metrics::Metrics;
-use crate::ratelimit::KeyRateLimiter;
+use crate::ratelimit::RateLimiter;
 use crate::responder;
 use crate::service::ConversationService;
 use crate::store::{FileStore, MeasuredStore, PgStore, create_private_dir};
@@ -80,10 +78,6 @@ impl Drop for LocalInstance {
     }
 }
 
-/// Unverified API keys: this many attempts per client address at once, then one per period.
-const UNVERIFIED_BURST: u32 = 20;
-const UNVERIFIED_PERIOD: Duration = Duration::from_secs(3);
-
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         match settings.mode {
@@ -128,7 +122,7 @@ impl Application {
             port,
         };
 
-        let state = app_state(service, &settings, Some(LOCAL_TENANT.to_owned()));
+        let state = app_state(service, &settings, Some(LOCAL_TENANT.to_owned()), None);
         let draining = Arc::clone(&state.draining);
         let server = serve(listener, state, metrics, &settings, None)?;
         tracing::info!(
@@ -188,23 +182,20 @@ impl Application {
         .with_history_chars(settings.llm.history_chars);
         let listener = bind(settings.host, &settings.port)?;
         let port = listener.local_addr()?.port();
-        let gate = GovernorConfigBuilder::default()
-            .key_extractor(UnverifiedByAddress {
-                auth: Arc::clone(&authenticator),
-                metrics: Arc::clone(&metrics),
-            })
-            .period(UNVERIFIED_PERIOD)
-            .burst_size(UNVERIFIED_BURST)
-            .finish()
-            .context("invalid limit on unverified keys")?;
-        let state = app_state(service, &settings, None);
+        let limiter = Arc::new(RateLimiter::new(
+            settings.replicas.rate_limit_backend.clone(),
+            settings.replicas.replicas,
+            Arc::clone(&metrics),
+        ));
+        limiter.start().await;
+        let state = app_state(service, &settings, None, Some(Arc::clone(&limiter)));
         let draining = Arc::clone(&state.draining);
         let server = serve(
             listener,
             state,
             metrics,
             &settings,
-            Some((gate, Arc::clone(&authenticator))),
+            Some((Arc::clone(&authenticator), limiter)),
         )?;
         tracing::info!(
             mode = settings.mode.as_str(),
@@ -275,6 +266,7 @@ fn app_state(
     service: ConversationService,
     settings: &Settings,
     local_tenant: Option<String>,
+    rate_limiter: Option<Arc<RateLimiter>>,
 ) -> web::Data<AppState> {
     web::Data::new(AppState {
         service,
@@ -285,6 +277,7 @@ fn app_state(
         draining: Arc::new(AtomicBool::new(false)),
         metrics_token: settings.metrics_token.clone(),
         body_timeout: settings.body_timeout,
+        rate_limiter,
     })
 }
 
@@ -293,24 +286,22 @@ fn serve(
     state: web::Data<AppState>,
     metrics: Arc<Metrics>,
     settings: &Settings,
-    cloud: Option<(CloudGate, Arc<Authenticator>)>,
+    cloud: Option<(Arc<Authenticator>, Arc<RateLimiter>)>,
 ) -> anyhow::Result<Server> {
     let max_message_bytes = settings.max_message_bytes;
     let cors_origins = settings.cors_origins.clone();
     let local = settings.mode == Mode::Local;
-    let limiter = web::Data::new(KeyRateLimiter::default());
     let metrics = web::Data::from(metrics);
-    let (gate, authenticator) = cloud.unzip();
-    let authenticator = authenticator.map(web::Data::from);
+    let gate = cloud.is_some();
+    let cloud = cloud.map(|(auth, limiter)| (web::Data::from(auth), web::Data::from(limiter)));
     let server = HttpServer::new(move || {
-        let mut app = App::new()
-            .app_data(state.clone())
-            .app_data(metrics.clone())
-            .app_data(limiter.clone());
-        if let Some(authenticator) = &authenticator {
-            app = app.app_data(authenticator.clone());
+        let mut app = App::new().app_data(state.clone()).app_data(metrics.clone());
+        if let Some((authenticator, limiter)) = &cloud {
+            app = app
+                .app_data(authenticator.clone())
+                .app_data(limiter.clone());
         }
-        app.configure(|cfg| api::configure(cfg, max_message_bytes, gate.as_ref()))
+        app.configure(|cfg| api::configure(cfg, max_message_bytes, gate))
             .wrap(from_fn(middleware::body_deadline))
             .wrap(api::cors(&cors_origins))
             .wrap(Condition::new(

@@ -18,13 +18,22 @@ use super::AppState;
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let storage = state.service.store().check().await;
     let body = |status: &str, storage: &str| {
-        json!({
+        let mut body = json!({
             "status": status,
             "version": env!("CARGO_PKG_VERSION"),
             "mode": state.mode.as_str(),
             "storage": storage,
             "uptime_seconds": state.started.elapsed().as_secs(),
-        })
+        });
+        // Cloud mode: where quotas are decided. A degraded limiter still limits (each replica
+        // at its share), so it does not make the service unhealthy or unready.
+        if let Some(limiter) = &state.rate_limiter {
+            body["rate_limiter"] = json!({
+                "backend": limiter.backend(),
+                "state": if limiter.is_degraded() { "degraded" } else { "ok" },
+            });
+        }
+        body
     };
     match storage {
         Ok(()) => HttpResponse::Ok().json(body("healthy", "ok")),

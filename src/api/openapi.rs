@@ -35,7 +35,7 @@ use crate::config::Mode;
         super::conversations::delete,
     ),
     // The response bodies (request bodies are collected on their own).
-    components(schemas(ErrorEnvelope, Health, Liveness, Readiness, CoreResponse, AdvisorAnswer, ConversationList, MessagePage, Deleted)),
+    components(schemas(ErrorEnvelope, Health, RateLimiterHealth, Liveness, Readiness, CoreResponse, AdvisorAnswer, ConversationList, MessagePage, Deleted)),
     modifiers(&RequestIds, &ApiKeys),
     tags(
         (name = "service", description = "The service itself"),
@@ -195,6 +195,31 @@ pub struct Health {
     pub mode: ServerMode,
     pub storage: StorageState,
     pub uptime_seconds: u64,
+    /// Cloud mode: where rate limits are decided, and whether Redis is answering.
+    #[schema(nullable = false)]
+    pub rate_limiter: Option<RateLimiterHealth>,
+}
+
+/// `degraded`: Redis is not answering; each replica limits every key locally at
+/// `ceil(quota / MAESTRA_REPLICAS)` until it does. The service stays healthy and ready.
+#[derive(ToSchema)]
+pub struct RateLimiterHealth {
+    pub backend: RateLimiterBackend,
+    pub state: RateLimiterState,
+}
+
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum RateLimiterBackend {
+    Memory,
+    Redis,
+}
+
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum RateLimiterState {
+    Ok,
+    Degraded,
 }
 
 /// `GET /health/live`: the process answers.
