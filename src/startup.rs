@@ -19,8 +19,8 @@ use tokio::task::AbortHandle;
 use crate::api::{self, AppState, middleware};
 use crate::auth::Authenticator;
 use crate::auth::repository;
-use crate::config::{Mode, PortChoice, Settings};
-use crate::db;
+use crate::config::{Mode, PoolMode, PortChoice, Settings};
+use crate::db::{self, Db};
 use crate::idempotency::{FileIdempotency, PgIdempotency};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
@@ -143,25 +143,40 @@ impl Application {
     }
 
     async fn build_cloud(settings: Settings) -> anyhow::Result<Self> {
-        let pool = db::connect(
+        let mode = settings.replicas.db_pool_mode;
+        let pool = db::connect_in(
+            "DATABASE_URL",
             settings.require_database_url()?,
             settings.db_max_connections,
+            mode,
         )
         .await?;
-        db::migrate(&pool).await?;
+        // Migrations hold a session-level advisory lock and the key change feed LISTENs: both
+        // need a session of their own, which a transaction pooler does not keep.
+        let direct = match &settings.replicas.database_direct_url {
+            Some(url) => {
+                db::connect_in("MAESTRA_DATABASE_DIRECT_URL", url, 2, PoolMode::Session).await?
+            }
+            None => pool.clone(),
+        };
+        db::migrate(&direct).await?;
         if let Some(key) = &settings.api_key {
-            let id = repository::ensure_bootstrap(&pool, key).await?;
+            let id = repository::ensure_bootstrap(&direct, key).await?;
             tracing::info!(key.id = %id, tenant.id = repository::DEFAULT_TENANT, "MAESTRA_API_KEY is a valid key");
         }
+        let db = Db::new(pool.clone(), mode);
 
         let metrics = Arc::new(Metrics::new(settings.mode.as_str())?);
-        let authenticator = Arc::new(Authenticator::new(
-            pool.clone(),
-            settings.rate_limit,
-            settings.auth_cache_ttl,
-            metrics.argon2_verifications.clone(),
-        ));
-        let idempotency = PgIdempotency::new(pool.clone());
+        let authenticator = Arc::new(
+            Authenticator::new(
+                pool,
+                settings.rate_limit,
+                settings.auth_cache_ttl,
+                metrics.argon2_verifications.clone(),
+            )
+            .with_pools(db.clone(), direct),
+        );
+        let idempotency = PgIdempotency::new(db.clone());
         let background = BackgroundTasks(vec![
             tokio::spawn(Arc::clone(&authenticator).follow_key_changes()).abort_handle(),
             tokio::spawn(Arc::clone(&authenticator).flush_last_used_periodically()).abort_handle(),
@@ -170,7 +185,7 @@ impl Application {
 
         let service = ConversationService::new(
             Arc::new(MeasuredStore::new(
-                Arc::new(PgStore::new(pool)),
+                Arc::new(PgStore::new(db)),
                 Arc::clone(&metrics),
             )),
             responder::from_settings(&settings.llm)?,
