@@ -34,8 +34,10 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Attempts with keys not verified yet, per client address: this many at once, then one per
-/// 3 s. Guessing keys cannot keep argon2 busy; a verified key is not held back by this.
+/// Failed authentications per client address: this many at once, then one per 3 s. While
+/// they are used up, keys not verified yet from that address get 429 before argon2 runs, so
+/// guessing keys cannot keep argon2 busy; a valid key never spends them, and a verified key
+/// is not held back by them.
 pub const UNVERIFIED_QUOTA: Quota = Quota {
     requests: NonZeroU32::new(20).expect("20 is not zero"),
     window: Duration::from_secs(60),
@@ -55,21 +57,21 @@ pub async fn require_api_key(
         return Err(ApiError::Internal(anyhow::anyhow!("no metrics configured")).into());
     };
     let presented = presented_key(req.headers());
+    let Some(address) = req.peer_addr().map(|a| Subject::address(a.ip())) else {
+        let error = ApiError::InvalidRequest("cannot tell the client's address".to_owned());
+        return Ok(req.into_response(error.error_response()));
+    };
+    let failures = Policy {
+        bucket: UNVERIFIED_BUCKET,
+        quota: UNVERIFIED_QUOTA,
+    };
     if !presented.is_some_and(|key| auth.is_recognised(key)) {
-        let Some(address) = req.peer_addr() else {
-            let error = ApiError::InvalidRequest("cannot tell the client's address".to_owned());
-            return Ok(req.into_response(error.error_response()));
-        };
-        let policy = Policy {
-            bucket: UNVERIFIED_BUCKET,
-            quota: UNVERIFIED_QUOTA,
-        };
-        let decision = limiter.check(policy, &Subject::address(address.ip())).await;
+        let decision = limiter.peek(failures, &address).await;
         if let Verdict::Limited { retry_in } = decision.verdict {
             metrics.rate_limited.with_label_values(&["address"]).inc();
             let seconds = retry_after_seconds(retry_in);
             let mut response = ApiError::RateLimited(format!(
-                "too many attempts with unverified API keys from this address; retry in {seconds} s"
+                "too many failed authentications from this address; retry in {seconds} s"
             ))
             .error_response();
             insert_header(response.headers_mut(), header::RETRY_AFTER, seconds);
@@ -84,6 +86,7 @@ pub async fn require_api_key(
         Ok(principal) => principal,
         Err(AuthError::Unauthorized) => {
             metrics.auth_failures.inc();
+            limiter.check(failures, &address).await;
             tracing::info!("authentication failed");
             return Ok(req.into_response(unauthorized()));
         }

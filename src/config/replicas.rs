@@ -32,7 +32,9 @@ pub struct ReplicaSettings {
     pub database_direct_url: Option<SecretString>,
 }
 
-const DEFAULT_REDIS_TIMEOUT_MS: u64 = 100;
+/// Long enough for a busy Redis on a busy host; short enough that a hung one costs each request
+/// at most this once before the breaker opens.
+const DEFAULT_REDIS_TIMEOUT_MS: u64 = 250;
 
 pub(super) fn parse(raw: &Raw) -> Result<ReplicaSettings, ConfigError> {
     let backend = match raw

@@ -90,13 +90,25 @@ impl Default for LocalStore {
 }
 
 impl LocalStore {
+    #[cfg(test)]
     pub fn check(&self, bucket: &'static str, subject: &str, quota: Quota) -> Verdict {
+        self.decide(bucket, subject, quota, true)
+    }
+
+    /// `consume: false` asks whether a request would pass, without counting it.
+    pub fn decide(
+        &self,
+        bucket: &'static str,
+        subject: &str,
+        quota: Quota,
+        consume: bool,
+    ) -> Verdict {
         let gcra = Gcra::new(quota);
         let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
         let mut tats = self.tats.lock().unwrap_or_else(|e| e.into_inner());
         let key = (bucket, subject.to_owned());
         let (allowed, ahead, store) = gcra.decide(now, tats.get(&key).copied());
-        if let Some(next) = store {
+        if let Some(next) = store.filter(|_| consume) {
             if tats.len() >= SWEEP_AT && !tats.contains_key(&key) {
                 tats.retain(|_, tat| *tat > now);
             }

@@ -45,7 +45,7 @@ impl Quota {
 
 /// The bucket every API route draws on.
 pub const DEFAULT_BUCKET: &str = "default";
-/// Attempts with a key not verified yet, per client address.
+/// Failed authentications, per client address.
 pub const UNVERIFIED_BUCKET: &str = "unverified";
 
 /// A named quota: the bucket is the name clients see in `RateLimit-Policy`.
@@ -166,8 +166,19 @@ impl RateLimiter {
 
     /// Counts one request against `subject`'s bucket.
     pub async fn check(&self, policy: Policy, subject: &Subject) -> Decision {
+        self.decide(policy, subject, true).await
+    }
+
+    /// Whether a request would pass, without counting it (a bucket that only failures spend).
+    pub async fn peek(&self, policy: Policy, subject: &Subject) -> Decision {
+        self.decide(policy, subject, false).await
+    }
+
+    async fn decide(&self, policy: Policy, subject: &Subject, consume: bool) -> Decision {
         let Some(shared) = &self.shared else {
-            let verdict = self.local.check(policy.bucket, &subject.0, policy.quota);
+            let verdict = self
+                .local
+                .decide(policy.bucket, &subject.0, policy.quota, consume);
             return self.decided("memory", policy, verdict);
         };
         if shared.open.load(Ordering::Relaxed) {
@@ -178,7 +189,10 @@ impl RateLimiter {
         } else {
             let gcra = Gcra::new(policy.quota);
             let started = Instant::now();
-            let answer = shared.store.check(policy.bucket, &subject.0, gcra).await;
+            let answer = shared
+                .store
+                .check(policy.bucket, &subject.0, gcra, consume)
+                .await;
             self.metrics
                 .ratelimit_backend_duration
                 .observe(started.elapsed().as_secs_f64());
@@ -200,7 +214,9 @@ impl RateLimiter {
             bucket: policy.bucket,
             quota: policy.quota.share(shared.replicas),
         };
-        let verdict = self.local.check(share.bucket, &subject.0, share.quota);
+        let verdict = self
+            .local
+            .decide(share.bucket, &subject.0, share.quota, consume);
         self.decided("local_fallback", share, verdict)
     }
 

@@ -15,7 +15,8 @@ use secrecy::{ExposeSecret, SecretString};
 use super::gcra::Gcra;
 
 /// GCRA over whole microseconds, as `Gcra::decide`: KEYS[1] the subject's bucket, ARGV[1] the
-/// emission interval `t`, ARGV[2] the tolerance `tau`. Returns `{allowed, tat - now}`.
+/// emission interval `t`, ARGV[2] the tolerance `tau`, ARGV[3] `1` to count the request or
+/// `0` only to ask whether it would pass. Returns `{allowed, tat - now}`.
 /// The TAT is stored as an integer string (`%.0f`: Lua's default number format would round
 /// it) and expires once it is in the past, when the key is as good as fresh.
 const SCRIPT: &str = r"
@@ -28,7 +29,9 @@ if tat - now > tau then
   return {0, tat - now}
 end
 local next = math.max(tat, now) + t
-redis.call('SET', KEYS[1], string.format('%.0f', next), 'PX', math.ceil((next - now) / 1000))
+if ARGV[3] == '1' then
+  redis.call('SET', KEYS[1], string.format('%.0f', next), 'PX', math.ceil((next - now) / 1000))
+end
 return {1, next - now}
 ";
 
@@ -116,10 +119,11 @@ impl RedisStore {
         bucket: &str,
         subject: &str,
         gcra: Gcra,
+        consume: bool,
     ) -> Result<(bool, u64), Failure> {
         let key = format!("maestra:rl:{{{subject}}}:{bucket}");
         let mut invocation = self.script.key(key);
-        invocation.arg(gcra.t).arg(gcra.tau);
+        invocation.arg(gcra.t).arg(gcra.tau).arg(u8::from(consume));
         let call = async {
             let connection = self.connection().await?;
             let reply: Result<(i64, i64), RedisError> = match connection {
