@@ -104,6 +104,9 @@ pub async fn require_api_key(
     tracing::Span::current().record("tenant.id", principal.tenant_id.as_str());
     tracing::Span::current().record("key.id", principal.key_id.as_str());
 
+    // Every route draws on the key's default bucket. A route group with its own quota (say
+    // /api/maestra/sync/*) gets `Policy { bucket: "sync", quota }` here instead: a separate
+    // budget for the same key, with its own name in the RateLimit headers.
     let policy = Policy {
         bucket: DEFAULT_BUCKET,
         quota: principal.quota,
