@@ -1,7 +1,7 @@
 //! Cloud mode's gate in front of `/api`: an API key is required (`X-API-Key` or
-//! `Authorization: Bearer`), then the key's quota is applied. Unverified keys are also limited
-//! per client address, so guessing keys cannot keep argon2 busy. Both limits go through the
-//! configured `RateLimiter`, so with Redis they are shared by every replica.
+//! `Authorization: Bearer`), then the key's quota is applied. Failed authentications are also
+//! limited per client address, so guessing keys cannot keep argon2 busy. Both limits go
+//! through the configured `RateLimiter`, so with Redis they are shared by every replica.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
