@@ -5,6 +5,7 @@
 //! names the variable to fix. Loading reads and never writes.
 
 mod llm;
+mod replicas;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -21,6 +22,7 @@ use serde::Deserialize;
 use crate::ratelimit::Quota;
 
 pub use llm::{LlmSettings, ProviderSettings};
+pub use replicas::{PoolMode, ReplicaSettings};
 
 const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 const LOCAL_TOML: &str = include_str!("../config/local.toml");
@@ -126,6 +128,8 @@ pub struct Settings {
     pub body_timeout: Duration,
     pub llm: LlmSettings,
     pub sync: SyncSettings,
+    /// Cloud mode on several replicas: the rate limiter's store, Postgres through a pooler.
+    pub replicas: ReplicaSettings,
 }
 
 /// Sync between a local server and the cloud (see `crate::sync`).
@@ -182,6 +186,14 @@ struct Raw {
     sync_batch: Option<String>,
     sync_rate_limit_requests: Option<String>,
     sync_rate_limit_window: Option<String>,
+    // Several replicas (parsed in config/replicas.rs).
+    rate_limit_backend: Option<String>,
+    redis_url: Option<String>,
+    redis_cluster: Option<String>,
+    redis_timeout_ms: Option<String>,
+    replicas: Option<String>,
+    db_pool_mode: Option<String>,
+    database_direct_url: Option<String>,
     // The model provider (parsed in config/llm.rs).
     history_chars: Option<String>,
     llm_base_url: Option<String>,
@@ -242,6 +254,7 @@ impl Settings {
 
     fn parse(mode: Mode, raw: Raw, home: Option<&str>) -> Result<Self, ConfigError> {
         let llm = llm::parse(&raw)?;
+        let replicas = replicas::parse(&raw)?;
         let database_url = non_empty(raw.database_url)
             .map(parse_database_url)
             .transpose()?;
@@ -266,6 +279,7 @@ impl Settings {
         };
         Ok(Self {
             llm,
+            replicas,
             mode,
             host: parse_host(&required("MAESTRA_HOST", raw.host)?)?,
             port,

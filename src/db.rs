@@ -1,11 +1,19 @@
-//! The cloud database: connecting with errors a person can act on, and applying migrations.
+//! The cloud database: connecting with errors a person can act on, applying migrations, and
+//! `Db`, the handle the service queries through (directly, or via a transaction pooler).
 
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
+use futures_util::future::BoxFuture;
+use futures_util::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use secrecy::{ExposeSecret, SecretString};
-use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{
+    PgArguments, PgConnectOptions, PgPoolOptions, PgQueryResult, PgRow, PgStatement, PgTypeInfo,
+};
+use sqlx::{Describe, Either, Execute, Executor, PgPool, Postgres, Transaction};
+
+use crate::config::PoolMode;
 
 /// The migrations in `migrations/`, compiled into the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -18,21 +26,34 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Connects, or says in one line why not. The URL itself never appears in the error
 /// (it may hold a password).
 pub async fn connect(url: &SecretString, max_connections: u32) -> anyhow::Result<PgPool> {
-    let options: PgConnectOptions = url
+    connect_in("DATABASE_URL", url, max_connections, PoolMode::Session).await
+}
+
+/// `connect`, for a URL that may reach Postgres through a transaction pooler: then sqlx's
+/// statement cache is off (a cached statement would be looked for on another server session).
+pub async fn connect_in(
+    variable: &str,
+    url: &SecretString,
+    max_connections: u32,
+    mode: PoolMode,
+) -> anyhow::Result<PgPool> {
+    let mut options: PgConnectOptions = url
         .expose_secret()
         .parse()
-        .map_err(|e| anyhow!("DATABASE_URL: not a valid Postgres URL ({e})"))?;
+        .map_err(|e| anyhow!("{variable}: not a valid Postgres URL ({e})"))?;
+    if mode == PoolMode::Transaction {
+        options = options.statement_cache_capacity(0);
+    }
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(ACQUIRE_TIMEOUT)
         .test_before_acquire(false)
         .connect_lazy_with(options);
-    tokio::time::timeout(CONNECT_TIMEOUT, sqlx::query("SELECT 1").execute(&pool))
+    let check = Db::new(pool.clone(), mode);
+    tokio::time::timeout(CONNECT_TIMEOUT, sqlx::query("SELECT 1").execute(&check))
         .await
-        .map_err(|_| {
-            anyhow!("DATABASE_URL: the database did not answer within {CONNECT_TIMEOUT:?}")
-        })?
-        .map_err(|e| anyhow!("DATABASE_URL: cannot reach the database: {e}"))?;
+        .map_err(|_| anyhow!("{variable}: the database did not answer within {CONNECT_TIMEOUT:?}"))?
+        .map_err(|e| anyhow!("{variable}: cannot reach the database: {e}"))?;
     Ok(pool)
 }
 
@@ -43,4 +64,143 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
         .run(pool)
         .await
         .context("cannot apply the database migrations")
+}
+
+/// The pool the service queries through. With Postgres itself (or a session pooler) it is the
+/// sqlx pool, unchanged. Behind a transaction pooler (PgBouncer `pool_mode = transaction`,
+/// whose Debian 12 version 1.18 does not track prepared statements) each statement needs two
+/// things sqlx does not do by itself:
+/// - one server session from its Parse to its Execute: sqlx sends them in two round trips,
+///   and the pooler may hand the second to another session once the first ends outside a
+///   transaction. So a statement run on the pool runs in its own `BEGIN … COMMIT`, committed
+///   before it returns.
+/// - no named statement left for another client to collide with: statements run on the pool
+///   are unnamed, and every transaction starts with `DEALLOCATE ALL`, clearing what earlier
+///   transactions of any client left on that session (sqlx names the statements of explicit
+///   transactions and of its own type look-ups; its cache is off, so nothing it remembers
+///   goes stale).
+#[derive(Debug, Clone)]
+pub struct Db {
+    pool: PgPool,
+    mode: PoolMode,
+}
+
+impl Db {
+    pub fn new(pool: PgPool, mode: PoolMode) -> Self {
+        Self { pool, mode }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        begin(&self.pool, self.mode).await
+    }
+}
+
+impl From<PgPool> for Db {
+    fn from(pool: PgPool) -> Self {
+        Self::new(pool, PoolMode::Session)
+    }
+}
+
+async fn begin(
+    pool: &PgPool,
+    mode: PoolMode,
+) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    match mode {
+        PoolMode::Session => pool.begin().await,
+        // One simple query, one round trip: the session is pinned from here on.
+        PoolMode::Transaction => pool.begin_with("BEGIN; DEALLOCATE ALL").await,
+    }
+}
+
+/// A statement run as an unnamed prepared statement (nothing outlives it on the server).
+struct Unnamed<E>(E);
+
+impl<'q, E: Execute<'q, Postgres>> Execute<'q, Postgres> for Unnamed<E> {
+    fn sql(&self) -> &'q str {
+        self.0.sql()
+    }
+
+    fn statement(&self) -> Option<&PgStatement<'q>> {
+        self.0.statement()
+    }
+
+    fn take_arguments(&mut self) -> Result<Option<PgArguments>, BoxDynError> {
+        self.0.take_arguments()
+    }
+
+    fn persistent(&self) -> bool {
+        false
+    }
+}
+
+impl<'c> Executor<'c> for &'c Db {
+    type Database = Postgres;
+
+    fn fetch_many<'e, 'q: 'e, E>(
+        self,
+        query: E,
+    ) -> BoxStream<'e, Result<Either<PgQueryResult, PgRow>, sqlx::Error>>
+    where
+        'c: 'e,
+        E: 'q + Execute<'q, Postgres>,
+    {
+        if self.mode == PoolMode::Session {
+            return (&self.pool).fetch_many(query);
+        }
+        let pool = self.pool.clone();
+        // Collected, then committed, then handed out: a write is durable when this returns.
+        stream::once(async move {
+            let mut tx = begin(&pool, PoolMode::Transaction).await?;
+            let all: Vec<_> = (&mut *tx).fetch_many(Unnamed(query)).try_collect().await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(stream::iter(all.into_iter().map(Ok)))
+        })
+        .try_flatten()
+        .boxed()
+    }
+
+    fn fetch_optional<'e, 'q: 'e, E>(
+        self,
+        query: E,
+    ) -> BoxFuture<'e, Result<Option<PgRow>, sqlx::Error>>
+    where
+        'c: 'e,
+        E: 'q + Execute<'q, Postgres>,
+    {
+        if self.mode == PoolMode::Session {
+            return (&self.pool).fetch_optional(query);
+        }
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let mut tx = begin(&pool, PoolMode::Transaction).await?;
+            let row = (&mut *tx).fetch_optional(Unnamed(query)).await?;
+            tx.commit().await?;
+            Ok(row)
+        })
+    }
+
+    fn prepare_with<'e, 'q: 'e>(
+        self,
+        sql: &'q str,
+        parameters: &'e [PgTypeInfo],
+    ) -> BoxFuture<'e, Result<PgStatement<'q>, sqlx::Error>>
+    where
+        'c: 'e,
+    {
+        (&self.pool).prepare_with(sql, parameters)
+    }
+
+    fn describe<'e, 'q: 'e>(
+        self,
+        sql: &'q str,
+    ) -> BoxFuture<'e, Result<Describe<Postgres>, sqlx::Error>>
+    where
+        'c: 'e,
+    {
+        (&self.pool).describe(sql)
+    }
 }

@@ -13,6 +13,11 @@ use prometheus::{
 /// At most this many tenants get their own label value; the rest share `other`.
 const MAX_TENANT_LABELS: usize = 100;
 
+/// Latency buckets from 50 µs to about 0.4 s: a rate-limit store is asked on every request.
+fn fast_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(0.00005, 2.0, 14).unwrap_or_default()
+}
+
 /// Latency buckets from 0.5 ms to about 33 s.
 fn latency_buckets() -> Vec<f64> {
     prometheus::exponential_buckets(0.0005, 2.0, 17).unwrap_or_default()
@@ -40,6 +45,10 @@ pub struct Metrics {
     pub sync_pending: IntGauge,
     /// Local mode: seconds since the last round that completed (0 when synced just now).
     pub sync_lag: Gauge,
+    pub ratelimit_backend_duration: Histogram,
+    pub ratelimit_decisions: IntCounterVec,
+    pub ratelimit_fallbacks: IntCounterVec,
+    pub ratelimit_degraded: IntGauge,
     tenants: Mutex<HashSet<String>>,
 }
 
@@ -123,6 +132,31 @@ impl Metrics {
                 "maestra_sync_lag_seconds",
                 "Seconds since sync last completed a round with the cloud",
             )?,
+            ratelimit_backend_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "maestra_ratelimit_backend_duration_seconds",
+                    "Time to get a rate-limit decision from Redis, including failed calls",
+                )
+                .buckets(fast_buckets()),
+            )?,
+            ratelimit_decisions: IntCounterVec::new(
+                Opts::new(
+                    "maestra_ratelimit_decisions_total",
+                    "Rate-limit decisions, by who decided (memory, redis, local_fallback) and outcome",
+                ),
+                &["backend", "outcome"],
+            )?,
+            ratelimit_fallbacks: IntCounterVec::new(
+                Opts::new(
+                    "maestra_ratelimit_fallbacks_total",
+                    "Decisions taken locally because Redis did not decide, by reason",
+                ),
+                &["reason"],
+            )?,
+            ratelimit_degraded: IntGauge::new(
+                "maestra_ratelimit_degraded",
+                "1 while the Redis limiter's breaker is open and quotas are enforced per replica",
+            )?,
             tenants: Mutex::new(HashSet::new()),
             registry,
         };
@@ -156,6 +190,10 @@ impl Metrics {
             r.register(Box::new(metrics.sync_pending.clone()))?;
             r.register(Box::new(metrics.sync_lag.clone()))?;
         }
+        r.register(Box::new(metrics.ratelimit_backend_duration.clone()))?;
+        r.register(Box::new(metrics.ratelimit_decisions.clone()))?;
+        r.register(Box::new(metrics.ratelimit_fallbacks.clone()))?;
+        r.register(Box::new(metrics.ratelimit_degraded.clone()))?;
         Ok(metrics)
     }
 

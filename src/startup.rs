@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use actix_governor::GovernorConfigBuilder;
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::middleware::{Condition, from_fn};
 use actix_web::{App, HttpServer, web};
@@ -17,15 +16,15 @@ use anyhow::{Context, bail};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::AbortHandle;
 
-use crate::api::{self, AppState, CloudGate, middleware};
+use crate::api::{self, AppState, middleware};
 use crate::auth::Authenticator;
-use crate::auth::middleware::{SyncQuota, UnverifiedByAddress};
+use crate::auth::middleware::SyncQuota;
 use crate::auth::repository;
-use crate::config::{Mode, PortChoice, Settings};
-use crate::db;
+use crate::config::{Mode, PoolMode, PortChoice, Settings};
+use crate::db::{self, Db};
 use crate::idempotency::{FileIdempotency, PgIdempotency};
 use crate::metrics::Metrics;
-use crate::ratelimit::KeyRateLimiter;
+use crate::ratelimit::RateLimiter;
 use crate::responder;
 use crate::service::ConversationService;
 use crate::store::{FileStore, MeasuredStore, PgStore, create_private_dir};
@@ -87,10 +86,6 @@ impl Drop for LocalInstance {
     }
 }
 
-/// Unverified API keys: this many attempts per client address at once, then one per period.
-const UNVERIFIED_BURST: u32 = 20;
-const UNVERIFIED_PERIOD: Duration = Duration::from_secs(3);
-
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         match settings.mode {
@@ -147,6 +142,7 @@ impl Application {
             &settings,
             Some(LOCAL_TENANT.to_owned()),
             SyncSide::Local(sync),
+            None,
         );
         let draining = Arc::clone(&state.draining);
         let server = serve(listener, state, metrics, &settings, None)?;
@@ -168,35 +164,50 @@ impl Application {
     }
 
     async fn build_cloud(settings: Settings) -> anyhow::Result<Self> {
-        let pool = db::connect(
+        let mode = settings.replicas.db_pool_mode;
+        let pool = db::connect_in(
+            "DATABASE_URL",
             settings.require_database_url()?,
             settings.db_max_connections,
+            mode,
         )
         .await?;
-        db::migrate(&pool).await?;
+        // Migrations hold a session-level advisory lock and the key change feed LISTENs: both
+        // need a session of their own, which a transaction pooler does not keep.
+        let direct = match &settings.replicas.database_direct_url {
+            Some(url) => {
+                db::connect_in("MAESTRA_DATABASE_DIRECT_URL", url, 2, PoolMode::Session).await?
+            }
+            None => pool.clone(),
+        };
+        db::migrate(&direct).await?;
         if let Some(key) = &settings.api_key {
-            let id = repository::ensure_bootstrap(&pool, key).await?;
+            let id = repository::ensure_bootstrap(&direct, key).await?;
             tracing::info!(key.id = %id, tenant.id = repository::DEFAULT_TENANT, "MAESTRA_API_KEY is a valid key");
         }
+        let db = Db::new(pool.clone(), mode);
 
         let metrics = Arc::new(Metrics::new(settings.mode.as_str())?);
-        let authenticator = Arc::new(Authenticator::new(
-            pool.clone(),
-            settings.rate_limit,
-            settings.auth_cache_ttl,
-            metrics.argon2_verifications.clone(),
-        ));
-        let idempotency = PgIdempotency::new(pool.clone());
+        let authenticator = Arc::new(
+            Authenticator::new(
+                pool,
+                settings.rate_limit,
+                settings.auth_cache_ttl,
+                metrics.argon2_verifications.clone(),
+            )
+            .with_pools(db.clone(), direct),
+        );
+        let idempotency = PgIdempotency::new(db.clone());
         let background = BackgroundTasks(vec![
             tokio::spawn(Arc::clone(&authenticator).follow_key_changes()).abort_handle(),
             tokio::spawn(Arc::clone(&authenticator).flush_last_used_periodically()).abort_handle(),
             tokio::spawn(idempotency.clone().prune_periodically()).abort_handle(),
         ]);
 
-        let sync = SyncSide::Cloud(CloudSync::new(pool.clone()));
+        let sync = SyncSide::Cloud(CloudSync::new(db.clone()));
         let service = ConversationService::new(
             Arc::new(MeasuredStore::new(
-                Arc::new(PgStore::new(pool)),
+                Arc::new(PgStore::new(db)),
                 Arc::clone(&metrics),
             )),
             responder::from_settings(&settings.llm)?,
@@ -208,23 +219,20 @@ impl Application {
         .with_history_chars(settings.llm.history_chars);
         let listener = bind(settings.host, &settings.port)?;
         let port = listener.local_addr()?.port();
-        let gate = GovernorConfigBuilder::default()
-            .key_extractor(UnverifiedByAddress {
-                auth: Arc::clone(&authenticator),
-                metrics: Arc::clone(&metrics),
-            })
-            .period(UNVERIFIED_PERIOD)
-            .burst_size(UNVERIFIED_BURST)
-            .finish()
-            .context("invalid limit on unverified keys")?;
-        let state = app_state(service, &settings, None, sync);
+        let limiter = Arc::new(RateLimiter::new(
+            settings.replicas.rate_limit_backend.clone(),
+            settings.replicas.replicas,
+            Arc::clone(&metrics),
+        ));
+        limiter.start().await;
+        let state = app_state(service, &settings, None, sync, Some(Arc::clone(&limiter)));
         let draining = Arc::clone(&state.draining);
         let server = serve(
             listener,
             state,
             metrics,
             &settings,
-            Some((gate, Arc::clone(&authenticator))),
+            Some((Arc::clone(&authenticator), limiter)),
         )?;
         tracing::info!(
             mode = settings.mode.as_str(),
@@ -298,6 +306,7 @@ fn app_state(
     settings: &Settings,
     local_tenant: Option<String>,
     sync: SyncSide,
+    rate_limiter: Option<Arc<RateLimiter>>,
 ) -> web::Data<AppState> {
     web::Data::new(AppState {
         service,
@@ -309,6 +318,7 @@ fn app_state(
         metrics_token: settings.metrics_token.clone(),
         body_timeout: settings.body_timeout,
         sync,
+        rate_limiter,
     })
 }
 
@@ -317,27 +327,27 @@ fn serve(
     state: web::Data<AppState>,
     metrics: Arc<Metrics>,
     settings: &Settings,
-    cloud: Option<(CloudGate, Arc<Authenticator>)>,
+    cloud: Option<(Arc<Authenticator>, Arc<RateLimiter>)>,
 ) -> anyhow::Result<Server> {
     let max_message_bytes = settings.max_message_bytes;
     let cors_origins = settings.cors_origins.clone();
     let extension_ids = settings.cors_extension_ids.clone();
     let local = settings.mode == Mode::Local;
-    let limiter = web::Data::new(KeyRateLimiter::default());
     let sync_quota = web::Data::new(SyncQuota(settings.sync.quota));
     let metrics = web::Data::from(metrics);
-    let (gate, authenticator) = cloud.unzip();
-    let authenticator = authenticator.map(web::Data::from);
+    let gate = cloud.is_some();
+    let cloud = cloud.map(|(auth, limiter)| (web::Data::from(auth), web::Data::from(limiter)));
     let server = HttpServer::new(move || {
         let mut app = App::new()
             .app_data(state.clone())
             .app_data(metrics.clone())
-            .app_data(limiter.clone())
             .app_data(sync_quota.clone());
-        if let Some(authenticator) = &authenticator {
-            app = app.app_data(authenticator.clone());
+        if let Some((authenticator, limiter)) = &cloud {
+            app = app
+                .app_data(authenticator.clone())
+                .app_data(limiter.clone());
         }
-        app.configure(|cfg| api::configure(cfg, max_message_bytes, gate.as_ref()))
+        app.configure(|cfg| api::configure(cfg, max_message_bytes, gate))
             .wrap(from_fn(middleware::body_deadline))
             .wrap(api::cors(&cors_origins, &extension_ids))
             .wrap(Condition::new(

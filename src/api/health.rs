@@ -36,6 +36,14 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
                 "last_success": sync.last_success,
             });
         }
+        // Cloud mode: where quotas are decided. A degraded limiter still limits (each replica
+        // at its share), so it does not make the service unhealthy or unready.
+        if let Some(limiter) = &state.rate_limiter {
+            body["rate_limiter"] = json!({
+                "backend": limiter.backend(),
+                "state": if limiter.is_degraded() { "degraded" } else { "ok" },
+            });
+        }
         body
     };
     match storage {

@@ -21,14 +21,12 @@ use std::time::Instant;
 use secrecy::SecretString;
 
 use actix_cors::Cors;
-use actix_governor::governor::middleware::NoOpMiddleware;
-use actix_governor::{Governor, GovernorConfig};
 use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::http::{Method, header};
 use actix_web::middleware::from_fn;
 use actix_web::{HttpRequest, Scope, web};
 
-use crate::auth::middleware::{UnverifiedByAddress, require_api_key};
+use crate::auth::middleware::require_api_key;
 use crate::config::Mode;
 use crate::service::ConversationService;
 use crate::sync::SyncSide;
@@ -49,14 +47,13 @@ pub struct AppState {
     /// How long a request body may take to arrive.
     pub body_timeout: std::time::Duration,
     pub sync: SyncSide,
+    /// Cloud mode: the rate limiter, whose state `/health` reports.
+    pub rate_limiter: Option<Arc<crate::ratelimit::RateLimiter>>,
 }
 
-/// Cloud mode's gate on `/api`: unverified keys limited per address, then the key required.
-pub type CloudGate = GovernorConfig<UnverifiedByAddress, NoOpMiddleware>;
-
-/// Routes and extractor settings. With a gate (cloud mode), every `/api` route needs a key;
-/// `/health` never does.
-pub fn configure(cfg: &mut web::ServiceConfig, max_message_bytes: usize, gate: Option<&CloudGate>) {
+/// Routes and extractor settings. With the gate (cloud mode), every `/api` route needs a key
+/// (unverified keys limited per address, then the key's quota); `/health` never does.
+pub fn configure(cfg: &mut web::ServiceConfig, max_message_bytes: usize, gate: bool) {
     // Past these, 413: room for each text the route takes, however it is escaped.
     let core_limit = body::body_limit(max_message_bytes, 1);
     let advisor_limit = body::body_limit(max_message_bytes, 2);
@@ -93,14 +90,11 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_message_bytes: usize, gate: O
             .default_service(web::to(only("GET"))),
     )
     .default_service(web::to(not_found));
-    match gate {
-        None => cfg.service(api_routes(advisor_limit)),
-        Some(gate) => cfg.service(
-            api_routes(advisor_limit)
-                .wrap(from_fn(require_api_key))
-                .wrap(Governor::new(gate)),
-        ),
-    };
+    if gate {
+        cfg.service(api_routes(advisor_limit).wrap(from_fn(require_api_key)));
+    } else {
+        cfg.service(api_routes(advisor_limit));
+    }
 }
 
 fn api_routes(advisor_limit: usize) -> Scope {

@@ -39,7 +39,7 @@ use crate::config::Mode;
         super::sync::now,
     ),
     // The response bodies (request bodies are collected on their own).
-    components(schemas(ErrorEnvelope, Health, Liveness, Readiness, CoreResponse, AdvisorAnswer, ConversationList, MessagePage, Deleted, SyncPushed, SyncPulled, SyncStatus)),
+    components(schemas(ErrorEnvelope, Health, RateLimiterHealth, Liveness, Readiness, CoreResponse, AdvisorAnswer, ConversationList, MessagePage, Deleted, SyncPushed, SyncPulled, SyncStatus)),
     modifiers(&RequestIds, &ApiKeys),
     tags(
         (name = "service", description = "The service itself"),
@@ -211,6 +211,9 @@ pub struct Health {
     /// Local mode: how sync with the cloud stands.
     #[schema(nullable = false)]
     pub sync: Option<HealthSync>,
+    /// Cloud mode: where rate limits are decided, and whether Redis is answering.
+    #[schema(nullable = false)]
+    pub rate_limiter: Option<RateLimiterHealth>,
 }
 
 #[derive(ToSchema)]
@@ -350,6 +353,28 @@ pub struct SyncPulled {
     pub cursors: std::collections::HashMap<String, i64>,
     /// More records wait: ask again.
     pub more: bool,
+}
+
+/// `degraded`: Redis is not answering; each replica limits every key locally at
+/// `ceil(quota / MAESTRA_REPLICAS)` until it does. The service stays healthy and ready.
+#[derive(ToSchema)]
+pub struct RateLimiterHealth {
+    pub backend: RateLimiterBackend,
+    pub state: RateLimiterState,
+}
+
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum RateLimiterBackend {
+    Memory,
+    Redis,
+}
+
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum RateLimiterState {
+    Ok,
+    Degraded,
 }
 
 /// `GET /health/live`: the process answers.

@@ -18,6 +18,7 @@ use sqlx::postgres::PgListener;
 use super::hash::verify_key;
 use super::key::{KeyId, digest};
 use super::repository::{self, KeyRow};
+use crate::db::Db;
 use crate::ratelimit::Quota;
 
 /// Postgres channel the `api_keys` trigger notifies.
@@ -68,7 +69,10 @@ impl Verified {
 }
 
 pub struct Authenticator {
-    pool: PgPool,
+    pool: Db,
+    /// A direct connection's pool for the change feed: LISTEN needs a session of its own, which
+    /// a transaction pooler does not keep.
+    listen: PgPool,
     default_quota: Quota,
     ttl: Duration,
     cache: Mutex<HashMap<KeyId, Verified>>,
@@ -104,7 +108,8 @@ impl Authenticator {
         argon2_verifications: IntCounter,
     ) -> Self {
         Self {
-            pool,
+            listen: pool.clone(),
+            pool: Db::from(pool),
             default_quota,
             ttl,
             cache: Mutex::new(HashMap::new()),
@@ -115,6 +120,14 @@ impl Authenticator {
             argon2_slots: tokio::sync::Semaphore::new(1),
             in_flight: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Queries through `pool` (e.g. a transaction pooler) and follows key changes on `listen`,
+    /// a direct connection.
+    pub fn with_pools(mut self, pool: Db, listen: PgPool) -> Self {
+        self.pool = pool;
+        self.listen = listen;
+        self
     }
 
     /// Whether this key was verified before (its re-check, if due, needs no argon2), or is
@@ -312,7 +325,7 @@ impl Authenticator {
     /// connection drops, notifications may have been missed, so every cached key is re-read.
     pub async fn follow_key_changes(self: Arc<Self>) {
         loop {
-            let mut listener = match PgListener::connect_with(&self.pool).await {
+            let mut listener = match PgListener::connect_with(&self.listen).await {
                 Ok(listener) => listener,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot listen for API key changes; retrying");

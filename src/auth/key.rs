@@ -43,11 +43,6 @@ impl KeyId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-
-    /// The same key's quota for another kind of request (e.g. `sync`), counted apart.
-    pub fn for_bucket(&self, bucket: &str) -> KeyId {
-        KeyId(format!("{}:{bucket}", self.0))
-    }
 }
 
 impl fmt::Display for KeyId {

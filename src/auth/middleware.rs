@@ -1,27 +1,30 @@
 //! Cloud mode's gate in front of `/api`: an API key is required (`X-API-Key` or
-//! `Authorization: Bearer`), then the key's quota is applied. Unverified keys are also limited
-//! per client address, so guessing keys cannot keep argon2 busy.
+//! `Authorization: Bearer`), then the key's quota is applied. Failed authentications are also
+//! limited per client address, so guessing keys cannot keep argon2 busy. Both limits go
+//! through the configured `RateLimiter`, so with Redis they are shared by every replica.
 
-use std::net::IpAddr;
-use std::sync::Arc;
+use std::num::NonZeroU32;
+use std::time::Duration;
 
-use actix_governor::governor::NotUntil;
-use actix_governor::governor::clock::{Clock, DefaultClock, QuantaInstant};
-use actix_governor::{KeyExtractor, SimpleKeyExtractionError};
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::ServiceRequest;
 use actix_web::dev::ServiceResponse;
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::middleware::Next;
-use actix_web::{Error, HttpMessage, HttpResponse, HttpResponseBuilder, ResponseError, web};
+use actix_web::{Error, HttpMessage, HttpResponse, ResponseError, web};
 
 use super::{AuthError, Authenticator, Principal};
 use crate::api::errors::ApiError;
 use crate::metrics::Metrics;
-use crate::ratelimit::{Decision, KeyRateLimiter, Quota, retry_after_seconds};
+use crate::ratelimit::{
+    DEFAULT_BUCKET, Decision, Policy, Quota, RateLimiter, Subject, UNVERIFIED_BUCKET, Verdict,
+    retry_after_seconds,
+};
 
 /// Requests under this path count against a key's sync quota.
 const SYNC_PATH: &str = "/api/maestra/sync/";
+/// The bucket of a key's sync requests.
+pub const SYNC_BUCKET: &str = "sync";
 
 /// Each key's quota for sync requests (cloud mode).
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +43,15 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// Failed authentications per client address: this many at once, then one per 3 s. While
+/// they are used up, keys not verified yet from that address get 429 before argon2 runs, so
+/// guessing keys cannot keep argon2 busy; a valid key never spends them, and a verified key
+/// is not held back by them.
+pub const UNVERIFIED_QUOTA: Quota = Quota {
+    requests: NonZeroU32::new(20).expect("20 is not zero"),
+    window: Duration::from_secs(60),
+};
+
 pub async fn require_api_key(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
@@ -47,13 +59,35 @@ pub async fn require_api_key(
     let Some(auth) = req.app_data::<web::Data<Authenticator>>().cloned() else {
         return Err(ApiError::Internal(anyhow::anyhow!("no authenticator configured")).into());
     };
-    let Some(limiter) = req.app_data::<web::Data<KeyRateLimiter>>().cloned() else {
+    let Some(limiter) = req.app_data::<web::Data<RateLimiter>>().cloned() else {
         return Err(ApiError::Internal(anyhow::anyhow!("no rate limiter configured")).into());
     };
     let Some(metrics) = req.app_data::<web::Data<Metrics>>().cloned() else {
         return Err(ApiError::Internal(anyhow::anyhow!("no metrics configured")).into());
     };
-    let outcome = match presented_key(req.headers()) {
+    let presented = presented_key(req.headers());
+    let Some(address) = req.peer_addr().map(|a| Subject::address(a.ip())) else {
+        let error = ApiError::InvalidRequest("cannot tell the client's address".to_owned());
+        return Ok(req.into_response(error.error_response()));
+    };
+    let failures = Policy {
+        bucket: UNVERIFIED_BUCKET,
+        quota: UNVERIFIED_QUOTA,
+    };
+    if !presented.is_some_and(|key| auth.is_recognised(key)) {
+        let decision = limiter.peek(failures, &address).await;
+        if let Verdict::Limited { retry_in } = decision.verdict {
+            metrics.rate_limited.with_label_values(&["address"]).inc();
+            let seconds = retry_after_seconds(retry_in);
+            let mut response = ApiError::RateLimited(format!(
+                "too many failed authentications from this address; retry in {seconds} s"
+            ))
+            .error_response();
+            insert_header(response.headers_mut(), header::RETRY_AFTER, seconds);
+            return Ok(req.into_response(response));
+        }
+    }
+    let outcome = match presented {
         None => Err(AuthError::Unauthorized),
         Some(key) => auth.authenticate(key).await,
     };
@@ -61,6 +95,7 @@ pub async fn require_api_key(
         Ok(principal) => principal,
         Err(AuthError::Unauthorized) => {
             metrics.auth_failures.inc();
+            limiter.check(failures, &address).await;
             tracing::info!("authentication failed");
             return Ok(req.into_response(unauthorized()));
         }
@@ -78,30 +113,44 @@ pub async fn require_api_key(
     tracing::Span::current().record("tenant.id", principal.tenant_id.as_str());
     tracing::Span::current().record("key.id", principal.key_id.as_str());
 
-    // Sync has a quota of its own, so an install catching up never eats the chat quota.
-    let (bucket, quota, what) = match req.app_data::<web::Data<SyncQuota>>() {
-        Some(sync) if req.path().starts_with(SYNC_PATH) => {
-            (principal.key_id.for_bucket("sync"), sync.0, "sync quota")
-        }
-        _ => (principal.key_id.clone(), principal.quota, "quota"),
+    // Sync has a quota of its own (a separate budget for the same key, with its own name in
+    // the RateLimit headers), so an install catching up never eats the chat quota.
+    let policy = match req.app_data::<web::Data<SyncQuota>>() {
+        Some(sync) if req.path().starts_with(SYNC_PATH) => Policy {
+            bucket: SYNC_BUCKET,
+            quota: sync.0,
+        },
+        _ => Policy {
+            bucket: DEFAULT_BUCKET,
+            quota: principal.quota,
+        },
     };
-    match limiter.check(&bucket, quota) {
-        Decision::Limited { limit, retry_after } => {
+    let decision = limiter
+        .check(policy, &Subject::key(&principal.key_id))
+        .await;
+    match decision.verdict {
+        Verdict::Limited { retry_in } => {
             metrics.rate_limited.with_label_values(&["key"]).inc();
-            let seconds = retry_after_seconds(retry_after);
+            let seconds = retry_after_seconds(retry_in);
             let mut response = ApiError::RateLimited(format!(
-                "this key's {what} of {limit} requests per {} s is used up; retry in {seconds} s",
-                quota.window.as_secs()
+                "this key's {} of {} requests per {} s is used up; retry in {seconds} s",
+                if decision.policy.bucket == SYNC_BUCKET {
+                    "sync quota"
+                } else {
+                    "quota"
+                },
+                decision.policy.quota.requests,
+                decision.policy.quota.window.as_secs()
             ))
             .error_response();
-            set_limit_headers(response.headers_mut(), limit, 0);
+            set_limit_headers(response.headers_mut(), &decision);
             insert_header(response.headers_mut(), header::RETRY_AFTER, seconds);
             Ok(req.into_response(response))
         }
-        Decision::Allowed { limit, remaining } => {
+        Verdict::Allowed { .. } => {
             req.extensions_mut().insert(principal);
             let mut response = next.call(req).await?.map_into_boxed_body();
-            set_limit_headers(response.headers_mut(), limit, remaining);
+            set_limit_headers(response.headers_mut(), &decision);
             Ok(response)
         }
     }
@@ -115,62 +164,43 @@ fn unauthorized() -> HttpResponse {
     response
 }
 
-fn set_limit_headers(headers: &mut HeaderMap, limit: u32, remaining: u32) {
-    insert_header(headers, HeaderName::from_static("x-ratelimit-limit"), limit);
+/// `X-RateLimit-Limit`/`-Remaining`, and the IETF fields
+/// (draft-ietf-httpapi-ratelimit-headers-10): `RateLimit-Policy: "default";q=100;w=60` and
+/// `RateLimit: "default";r=<remaining>;t=<seconds until one more request is regained>`.
+fn set_limit_headers(headers: &mut HeaderMap, decision: &Decision) {
+    let Policy { bucket, quota } = decision.policy;
+    let (remaining, more_in) = match decision.verdict {
+        Verdict::Allowed { remaining, more_in } => (remaining, more_in),
+        Verdict::Limited { retry_in } => (0, retry_in),
+    };
+    insert_header(
+        headers,
+        HeaderName::from_static("x-ratelimit-limit"),
+        quota.requests.get(),
+    );
     insert_header(
         headers,
         HeaderName::from_static("x-ratelimit-remaining"),
         remaining,
     );
+    let policy = format!(
+        "\"{bucket}\";q={};w={}",
+        quota.requests,
+        quota.window.as_secs()
+    );
+    let state = format!(
+        "\"{bucket}\";r={remaining};t={}",
+        retry_after_seconds(more_in)
+    );
+    for (name, value) in [("ratelimit-policy", policy), ("ratelimit", state)] {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(HeaderName::from_static(name), value);
+        }
+    }
 }
 
 fn insert_header(headers: &mut HeaderMap, name: HeaderName, value: impl Into<u64>) {
     headers.insert(name, HeaderValue::from(value.into()));
-}
-
-/// actix-governor key for attempts with a key not verified yet: the client's address. Known,
-/// verified keys are let through (their own quota applies after authentication).
-#[derive(Clone)]
-pub struct UnverifiedByAddress {
-    pub auth: Arc<Authenticator>,
-    pub metrics: Arc<Metrics>,
-}
-
-impl KeyExtractor for UnverifiedByAddress {
-    /// `None` for requests with a recognised key (whitelisted), else the peer address.
-    type Key = Option<IpAddr>;
-    type KeyExtractionError = SimpleKeyExtractionError<&'static str>;
-
-    fn extract(&self, req: &ServiceRequest) -> Result<Self::Key, Self::KeyExtractionError> {
-        if presented_key(req.headers()).is_some_and(|key| self.auth.is_recognised(key)) {
-            return Ok(None);
-        }
-        req.peer_addr()
-            .map(|addr| Some(addr.ip()))
-            .ok_or_else(|| SimpleKeyExtractionError::new("cannot tell the client's address"))
-    }
-
-    fn exceed_rate_limit_response(
-        &self,
-        negative: &NotUntil<QuantaInstant>,
-        _response: HttpResponseBuilder,
-    ) -> HttpResponse {
-        self.metrics
-            .rate_limited
-            .with_label_values(&["address"])
-            .inc();
-        let seconds = retry_after_seconds(negative.wait_time_from(DefaultClock::default().now()));
-        let mut response = ApiError::RateLimited(format!(
-            "too many attempts with unverified API keys from this address; retry in {seconds} s"
-        ))
-        .error_response();
-        insert_header(response.headers_mut(), header::RETRY_AFTER, seconds);
-        response
-    }
-
-    fn whitelisted_keys(&self) -> Vec<Self::Key> {
-        vec![None]
-    }
 }
 
 /// The authenticated caller of this request, if cloud mode put one there.

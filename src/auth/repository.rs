@@ -62,7 +62,10 @@ impl KeyRow {
 const KEY_COLUMNS: &str = "id, tenant_id, label, secret_hash, rate_limit_requests, \
     rate_limit_window_seconds, created_at, expires_at, revoked_at, replaced_by, last_used_at";
 
-pub async fn fetch(pool: &PgPool, id: &KeyId) -> Result<Option<KeyRow>, sqlx::Error> {
+pub async fn fetch<'c>(
+    pool: impl sqlx::Executor<'c, Database = Postgres>,
+    id: &KeyId,
+) -> Result<Option<KeyRow>, sqlx::Error> {
     sqlx::query_as(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"))
         .bind(id.as_str())
         .fetch_optional(pool)
@@ -235,8 +238,8 @@ pub async fn ensure_bootstrap(pool: &PgPool, key: &SecretString) -> anyhow::Resu
 }
 
 /// Records when keys were last used, in one statement for many keys.
-pub async fn record_last_used(
-    pool: &PgPool,
+pub async fn record_last_used<'c>(
+    pool: impl sqlx::Executor<'c, Database = Postgres>,
     used: &[(KeyId, DateTime<Utc>)],
 ) -> Result<(), sqlx::Error> {
     if used.is_empty() {

@@ -61,7 +61,10 @@ pub struct CreateArgs {
 
 pub fn run(command: KeysCommand) -> anyhow::Result<()> {
     let (settings, _telemetry) = super::quiet_settings()?;
-    let url = settings.require_database_url()?.clone();
+    let url = settings
+        .replicas
+        .direct_url(settings.require_database_url()?)
+        .clone();
     super::one_shot_runtime()?.block_on(async {
         let pool = db::connect(&url, 2).await?;
         db::migrate(&pool).await?;

@@ -4,7 +4,10 @@ use crate::db;
 
 pub fn run() -> anyhow::Result<()> {
     let (settings, _telemetry) = super::quiet_settings()?;
-    let url = settings.require_database_url()?.clone();
+    let url = settings
+        .replicas
+        .direct_url(settings.require_database_url()?)
+        .clone();
     super::one_shot_runtime()?.block_on(async {
         let pool = db::connect(&url, 1).await?;
         db::migrate(&pool).await?;

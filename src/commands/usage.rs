@@ -14,7 +14,10 @@ pub fn run(opts: &usage_report::Opts) -> anyhow::Result<()> {
     match settings.mode {
         Mode::Local => usage_report::run(opts, &settings.data_dir),
         Mode::Cloud => {
-            let url = settings.require_database_url()?.clone();
+            let url = settings
+                .replicas
+                .direct_url(settings.require_database_url()?)
+                .clone();
             super::one_shot_runtime()?.block_on(async {
                 let pool = db::connect(&url, 1).await?;
                 let rows = cloud_usage(&pool, opts.since).await?;

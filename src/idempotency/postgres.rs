@@ -2,22 +2,23 @@
 //! claiming a key locks its row so two replicas cannot both run the same request.
 
 use async_trait::async_trait;
+use sqlx::Row;
 use sqlx::types::Json;
-use sqlx::{PgPool, Row};
 
 use super::{Begin, IdempotencyKey, IdempotencyStore, LEASE, RETENTION};
+use crate::db::Db;
 use crate::domain::ConversationId;
 use crate::domain::TurnOutcome;
 use crate::store::StoreError;
 
 #[derive(Clone)]
 pub struct PgIdempotency {
-    pool: PgPool,
+    pool: Db,
 }
 
 impl PgIdempotency {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(pool: impl Into<Db>) -> Self {
+        Self { pool: pool.into() }
     }
 }
 

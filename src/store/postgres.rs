@@ -7,26 +7,27 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 use sqlx::postgres::PgRow;
 use sqlx::{FromRow, Row};
 
 use super::{Appended, ConversationStore, ConversationSummary, Owner, StoreError};
+use crate::db::Db;
 use crate::domain::{ConversationId, Message, NewMessage, Role, SurfaceId, Usage, UserId};
 
 #[derive(Clone)]
 pub struct PgStore {
-    pool: PgPool,
+    pool: Db,
     /// The newest migration this build knows: the store is usable once it is applied.
     latest_migration: i64,
 }
 
 impl PgStore {
-    pub fn pool(&self) -> &PgPool {
+    pub fn pool(&self) -> &Db {
         &self.pool
     }
 
-    pub fn new(pool: PgPool) -> Self {
+    pub fn new(pool: impl Into<Db>) -> Self {
+        let pool = pool.into();
         let latest_migration = crate::db::MIGRATOR
             .iter()
             .map(|m| m.version)

@@ -8,20 +8,21 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{Postgres, Row, Transaction};
 
 use super::protocol::{CLOUD_ORIGIN, PullRequest, PullResponse, PushRequest, PushResponse, Record};
+use crate::db::Db;
 use crate::domain::{ConversationId, MessageId, SurfaceId, UserId};
 use crate::store::{StoreError, role_name, role_of, usage_of};
 
 #[derive(Clone)]
 pub struct CloudSync {
-    pool: PgPool,
+    pool: Db,
 }
 
 impl CloudSync {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(pool: impl Into<Db>) -> Self {
+        Self { pool: pool.into() }
     }
 
     /// Stores a push in one transaction: every record or none. Each message is stored once

@@ -317,16 +317,42 @@ pub struct CloudApp {
     pub api_key: String,
     pub database_url: String,
     pub pool: sqlx::PgPool,
+    /// The server's PgBouncer, when the suite runs through one; stopped with the app.
+    pub pgbouncer: Option<crate::rig::PgBouncer>,
 }
 
 pub const TEST_API_KEY: &str = "sk_test_key_0123456789";
 
+/// With `MAESTRA_TEST_VIA_PGBOUNCER=1` (a step of `.ci/run`), each server reaches its
+/// database through its own PgBouncer in transaction mode, as a deployment with many replicas
+/// would; the test's own queries stay direct.
 pub async fn spawn_cloud_app(
     connect: &sqlx::postgres::PgConnectOptions,
     vars: &[(&str, &str)],
 ) -> CloudApp {
     let url = database_url(connect);
+    if std::env::var("MAESTRA_TEST_VIA_PGBOUNCER").is_ok_and(|v| v == "1") {
+        let postgres = postgres_address();
+        let bouncer = crate::rig::PgBouncer::start(&postgres, 4);
+        let through = bouncer.route(&url, &postgres);
+        let mut all = vec![
+            ("MAESTRA_DB_POOL_MODE", "transaction"),
+            ("MAESTRA_DATABASE_DIRECT_URL", url.as_str()),
+        ];
+        all.extend_from_slice(vars);
+        let mut app = spawn_cloud_app_at(&through, &url, &all).await;
+        app.pgbouncer = Some(bouncer);
+        return app;
+    }
     spawn_cloud_app_at(&url, &url, vars).await
+}
+
+/// `host:port` of the test Postgres, from `DATABASE_URL`.
+pub fn postgres_address() -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+    let rest = base.split_once("://").map_or(base.as_str(), |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest).to_owned()
 }
 
 /// A cloud-mode server whose database connection goes through `server_url` (e.g. a proxy),
@@ -356,6 +382,7 @@ pub async fn spawn_cloud_app_at(
         api_key,
         database_url: direct_url.to_owned(),
         pool: sqlx::PgPool::connect(direct_url).await.unwrap(),
+        pgbouncer: None,
     }
 }
 

@@ -7,11 +7,14 @@ use std::time::{Duration, Instant};
 
 use crate::helpers::ServerProcess;
 
+/// The memory the server allocated (anonymous resident pages), in MB: what connections and
+/// requests cost. The program's own code pages are left out: a debug build maps tens of MB of
+/// them, more with every dependency, and they say nothing about load.
 fn rss_mb(server: &ServerProcess) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
     let kb: u64 = status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with("RssAnon:"))
         .and_then(|l| l.split_whitespace().nth(1))
         .unwrap()
         .parse()
@@ -155,9 +158,10 @@ async fn thousands_of_idle_connections_do_not_starve_others() {
         .unwrap();
     assert_eq!(response.status(), 200);
     let during = rss_mb(&server);
+    // About 15 KB each (actix-web's buffers and the head's deadline) when written.
     assert!(
-        during < 64,
-        "RSS {during} MB with 2000 idle connections (was {before} MB)"
+        during - before < 40,
+        "{during} MB allocated with 2000 idle connections (was {before} MB)"
     );
     drop(idle);
 }

@@ -198,3 +198,54 @@ fn the_install_script_is_valid_bash_and_builds_the_same_way() {
     assert!(text.contains("set -euo pipefail"));
     assert!(text.contains(BUILD));
 }
+
+/// The value after `key:` on the first line that has it (YAML read as text: these files keep
+/// one setting per line).
+fn yaml_value(text: &str, key: &str) -> String {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key}"))
+        .trim()
+        .trim_matches('"')
+        .to_owned()
+}
+
+#[test]
+fn the_compose_file_runs_replicas_on_redis_behind_haproxy_checking_readiness() {
+    let compose = read("docker-compose.yml");
+    assert_eq!(yaml_value(&compose, "MAESTRA_RATE_LIMIT_BACKEND"), "redis");
+    assert_eq!(
+        yaml_value(&compose, "MAESTRA_REPLICAS"),
+        yaml_value(&compose, "replicas"),
+        "each replica's share assumes every replica"
+    );
+    assert!(compose.contains("./deploy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg"));
+    let haproxy = read("deploy/haproxy.cfg");
+    assert!(haproxy.contains("option httpchk GET /health/ready"));
+    assert!(haproxy.contains("server-template maestra 10 maestra:8000"));
+    // The real parser checks the rest (haproxy -c in .ci/run).
+}
+
+#[test]
+fn the_kubernetes_deployment_probes_live_and_ready_and_takes_settings_from_the_environment() {
+    let deployment = read("deploy/k8s/deployment.yaml");
+    let probe_path = |probe: &str| {
+        let after = deployment.split(&format!("{probe}:")).nth(1).unwrap();
+        yaml_value(after, "path")
+    };
+    assert_eq!(probe_path("livenessProbe"), "/health/live");
+    assert_eq!(probe_path("readinessProbe"), "/health/ready");
+    assert!(deployment.contains("configMapRef:") && deployment.contains("secretRef:"));
+    let config = read("deploy/k8s/configmap.yaml");
+    assert_eq!(
+        yaml_value(&config, "MAESTRA_REPLICAS"),
+        yaml_value(&deployment, "maxReplicas"),
+        "each pod's share assumes the autoscaler's maximum"
+    );
+    for secret in ["DATABASE_URL", "MAESTRA_API_KEY", "MAESTRA_REDIS_URL"] {
+        let set_here = config
+            .lines()
+            .any(|l| l.trim().starts_with(&format!("{secret}:")));
+        assert!(!set_here, "{secret} belongs in the Secret");
+    }
+}
