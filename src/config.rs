@@ -118,6 +118,8 @@ pub struct Settings {
     pub api_key: Option<SecretString>,
     /// Cloud mode: every key's quota unless its row sets its own.
     pub rate_limit: Quota,
+    /// Cloud mode: failed authentications each client address may make per 60 s.
+    pub auth_failure_limit: NonZeroU32,
     pub db_max_connections: u32,
     pub auth_cache_ttl: Duration,
     /// Cloud mode: `/metrics` answers only `Authorization: Bearer <this>`; unset, it is off.
@@ -176,6 +178,7 @@ struct Raw {
     api_key: Option<String>,
     rate_limit_requests: Option<String>,
     rate_limit_window: Option<String>,
+    auth_failure_limit: Option<String>,
     db_max_connections: Option<String>,
     auth_cache_ttl_seconds: Option<String>,
     metrics_token: Option<String>,
@@ -315,6 +318,10 @@ impl Settings {
                     .get(),
                 )),
             },
+            auth_failure_limit: parse_count(
+                "MAESTRA_AUTH_FAILURE_LIMIT",
+                &required("MAESTRA_AUTH_FAILURE_LIMIT", raw.auth_failure_limit)?,
+            )?,
             db_max_connections: parse_count(
                 "MAESTRA_DB_MAX_CONNECTIONS",
                 &required("MAESTRA_DB_MAX_CONNECTIONS", raw.db_max_connections)?,

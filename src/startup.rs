@@ -18,7 +18,7 @@ use tokio::task::AbortHandle;
 
 use crate::api::{self, AppState, middleware};
 use crate::auth::Authenticator;
-use crate::auth::middleware::SyncQuota;
+use crate::auth::middleware::{FailureQuota, SyncQuota};
 use crate::auth::repository;
 use crate::config::{Mode, PoolMode, PortChoice, Settings};
 use crate::db::{self, Db};
@@ -334,6 +334,7 @@ fn serve(
     let extension_ids = settings.cors_extension_ids.clone();
     let local = settings.mode == Mode::Local;
     let sync_quota = web::Data::new(SyncQuota(settings.sync.quota));
+    let failure_quota = web::Data::new(FailureQuota::per_minute(settings.auth_failure_limit));
     let metrics = web::Data::from(metrics);
     let gate = cloud.is_some();
     let cloud = cloud.map(|(auth, limiter)| (web::Data::from(auth), web::Data::from(limiter)));
@@ -341,7 +342,8 @@ fn serve(
         let mut app = App::new()
             .app_data(state.clone())
             .app_data(metrics.clone())
-            .app_data(sync_quota.clone());
+            .app_data(sync_quota.clone())
+            .app_data(failure_quota.clone());
         if let Some((authenticator, limiter)) = &cloud {
             app = app
                 .app_data(authenticator.clone())

@@ -43,14 +43,21 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Failed authentications per client address: this many at once, then one per 3 s. While
-/// they are used up, keys not verified yet from that address get 429 before argon2 runs, so
-/// guessing keys cannot keep argon2 busy; a valid key never spends them, and a verified key
-/// is not held back by them.
-pub const UNVERIFIED_QUOTA: Quota = Quota {
-    requests: NonZeroU32::new(20).expect("20 is not zero"),
-    window: Duration::from_secs(60),
-};
+/// Failed authentications per client address (`MAESTRA_AUTH_FAILURE_LIMIT` at once, regained
+/// over 60 s). While they are used up, keys not verified yet from that address get 429 before
+/// argon2 runs, so guessing keys cannot keep argon2 busy; a valid key never spends them, and a
+/// verified key is not held back by them.
+#[derive(Debug, Clone, Copy)]
+pub struct FailureQuota(pub Quota);
+
+impl FailureQuota {
+    pub fn per_minute(failures: NonZeroU32) -> Self {
+        Self(Quota {
+            requests: failures,
+            window: Duration::from_secs(60),
+        })
+    }
+}
 
 pub async fn require_api_key(
     req: ServiceRequest,
@@ -65,6 +72,9 @@ pub async fn require_api_key(
     let Some(metrics) = req.app_data::<web::Data<Metrics>>().cloned() else {
         return Err(ApiError::Internal(anyhow::anyhow!("no metrics configured")).into());
     };
+    let Some(failure_quota) = req.app_data::<web::Data<FailureQuota>>().map(|q| q.0) else {
+        return Err(ApiError::Internal(anyhow::anyhow!("no failure quota configured")).into());
+    };
     let presented = presented_key(req.headers());
     let Some(address) = req.peer_addr().map(|a| Subject::address(a.ip())) else {
         let error = ApiError::InvalidRequest("cannot tell the client's address".to_owned());
@@ -72,7 +82,7 @@ pub async fn require_api_key(
     };
     let failures = Policy {
         bucket: UNVERIFIED_BUCKET,
-        quota: UNVERIFIED_QUOTA,
+        quota: failure_quota,
     };
     if !presented.is_some_and(|key| auth.is_recognised(key)) {
         let decision = limiter.peek(failures, &address).await;

@@ -410,6 +410,17 @@ async fn guessing_keys_is_limited_per_address(_: PgPoolOptions, db: PgConnectOpt
 }
 
 #[sqlx::test(migrations = false)]
+async fn the_failed_authentication_limit_is_a_setting(_: PgPoolOptions, db: PgConnectOptions) {
+    let app = spawn_cloud_app(&db, &[("MAESTRA_AUTH_FAILURE_LIMIT", "3")]).await;
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        let guess = format!("sk_guess_number_{i:04}");
+        statuses.push(list_status(&app, &guess).await.status().as_u16());
+    }
+    assert_eq!(statuses, [401, 401, 401, 429, 429]);
+}
+
+#[sqlx::test(migrations = false)]
 async fn the_database_never_holds_a_plaintext_key(_: PgPoolOptions, db: PgConnectOptions) {
     let app = spawn_cloud_app(&db, &[]).await;
     let (_, key) = app.create_key("acme", None).await;
