@@ -10,7 +10,8 @@
 //!
 //! Rounds run when something is written here (after a short pause, to gather a burst), every
 //! `interval`, when `maestra sync now` asks, and before a conversation is read. A failed round
-//! waits longer each time (doubling, with jitter, up to five minutes); a refused key (401/403)
+//! waits longer each time (doubling, with jitter, up to `interval` while the cloud does not
+//! answer at all, up to five minutes while it answers with failures); a refused key (401/403)
 //! stops sync until `maestra sync setup` saves another.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -142,6 +143,11 @@ impl State {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
+    /// No answer at all (refused, timed out): costs the cloud nothing, so retried at the pace
+    /// of an idle round.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The cloud answered with a failure (5xx, a cut-off answer): retried with full backoff.
     #[error("{0}")]
     Offline(String),
     #[error("the cloud refused the API key; run `maestra sync setup` with a valid key")]
@@ -163,7 +169,7 @@ impl From<StoreError> for SyncError {
 impl SyncError {
     fn reason(&self) -> &'static str {
         match self {
-            SyncError::Offline(_) => "unreachable",
+            SyncError::Unreachable(_) | SyncError::Offline(_) => "unreachable",
             SyncError::Unauthorized => "unauthorized",
             SyncError::RateLimited(_) => "rate_limited",
             SyncError::Refused(_) => "refused",
@@ -316,7 +322,11 @@ impl LocalSync {
                         SyncError::RateLimited(wait) => *wait,
                         // Nothing to retry until the key is replaced: look for a new one.
                         SyncError::Unauthorized => engine.settings.interval,
-                        _ => backoff(failures),
+                        // A cloud that does not answer is asked again no more often than an
+                        // idle install asks anyway, so that it is caught up soon after it is
+                        // back; one that answers with failures is given room.
+                        SyncError::Unreachable(_) => backoff(failures, engine.settings.interval),
+                        _ => backoff(failures, LONGEST_RETRY),
                     };
                     due = Instant::now() + wait;
                     engine.failed(&e);
@@ -328,12 +338,13 @@ impl LocalSync {
 }
 
 /// The wait before the next attempt after `failures` failed ones in a row: doubling from one
-/// second up to five minutes, each drawn between half and all of it, so that many installs
+/// second up to `longest`, each drawn between half and all of it, so that many installs
 /// coming back at once do not retry in step.
-fn backoff(failures: u32) -> Duration {
+fn backoff(failures: u32, longest: Duration) -> Duration {
     let full = FIRST_RETRY
         .saturating_mul(1 << failures.saturating_sub(1).min(16))
-        .min(LONGEST_RETRY);
+        .min(longest)
+        .max(FIRST_RETRY);
     let mut random = [0u8; 2];
     let fraction = match getrandom::fill(&mut random) {
         Ok(()) => f64::from(u16::from_le_bytes(random)) / f64::from(u16::MAX),
@@ -432,7 +443,9 @@ impl Engine {
             .with_label_values(&[e.reason()])
             .inc();
         let state = match e {
-            SyncError::Offline(_) | SyncError::RateLimited(_) => SyncState::Offline,
+            SyncError::Unreachable(_) | SyncError::Offline(_) | SyncError::RateLimited(_) => {
+                SyncState::Offline
+            }
             SyncError::Unauthorized => SyncState::Unauthorized,
             SyncError::Refused(_) | SyncError::Local(_) => SyncState::Error,
         };
@@ -442,7 +455,10 @@ impl Engine {
             tracing::warn!(reason = e.reason(), error = %e, "sync with the cloud failed; retrying later");
         }
         status.state = state;
-        status.reachable = Some(!matches!(e, SyncError::Offline(_)));
+        status.reachable = Some(!matches!(
+            e,
+            SyncError::Unreachable(_) | SyncError::Offline(_)
+        ));
         status.error = Some(e.to_string());
         if let Some(last) = status.last_success {
             let lag = (Utc::now() - last).num_milliseconds() as f64 / 1000.0;
@@ -656,7 +672,7 @@ pub async fn call<T: Serialize, R: DeserializeOwned>(
         .send()
         .await
         .map_err(|e| {
-            SyncError::Offline(format!(
+            SyncError::Unreachable(format!(
                 "cannot reach the cloud at {}: {}",
                 link.url,
                 e.without_url()
@@ -752,10 +768,21 @@ mod tests {
             let full = FIRST_RETRY
                 .saturating_mul(1 << (failures - 1).min(16))
                 .min(LONGEST_RETRY);
-            let wait = backoff(failures);
+            let wait = backoff(failures, LONGEST_RETRY);
             assert!(wait >= full / 2 && wait <= full, "{failures}: {wait:?}");
         }
-        let spread: BTreeSet<Duration> = (0..20).map(|_| backoff(10)).collect();
+        let spread: BTreeSet<Duration> = (0..20).map(|_| backoff(10, LONGEST_RETRY)).collect();
+        assert!(spread.len() > 1, "jitter");
+    }
+
+    #[test]
+    fn an_unreachable_cloud_is_retried_within_the_interval() {
+        let interval = Duration::from_secs(5);
+        for failures in 1..=20 {
+            let wait = backoff(failures, interval);
+            assert!(wait <= interval, "{failures}: {wait:?}");
+        }
+        let spread: BTreeSet<Duration> = (0..20).map(|_| backoff(10, interval)).collect();
         assert!(spread.len() > 1, "jitter");
     }
 }

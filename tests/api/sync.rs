@@ -416,6 +416,58 @@ async fn turns_made_on_both_sides_while_apart_converge_once_and_in_one_order(
     );
 }
 
+/// Failed rounds the local server counted with reason "unreachable" (its /metrics).
+async fn unreachable_rounds(local: &TestApp) -> u64 {
+    let metrics = local.get("/metrics").await.text().await.unwrap();
+    metrics
+        .lines()
+        .find(|l| l.starts_with("maestra_sync_failures_total{reason=\"unreachable\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_cloud_that_comes_back_is_caught_up_within_the_interval_unasked(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let cloud = spawn_cloud_app(&db, &[]).await;
+    let key = cloud.api_key.clone();
+    let proxy = TcpProxy::start(cloud.app.address.trim_start_matches("http://")).await;
+    let through_proxy = format!("http://127.0.0.1:{}", proxy.port);
+    let local = linked_local(&through_proxy, &key, &[("MAESTRA_SYNC_INTERVAL", "2")]).await;
+    synced(&local).await;
+    proxy.cut();
+    say(&local.address, None, "conv_away", "while the cloud is away").await;
+    // After five failed rounds, doubling alone would wait 8 to 16 s before the next one.
+    let failed = Instant::now();
+    while unreachable_rounds(&local).await < 5 {
+        assert!(
+            failed.elapsed() < Duration::from_secs(30),
+            "five failed rounds"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status: Value = local.get("/api/maestra/sync").await.json().await.unwrap();
+    assert_eq!(status["state"], "offline", "{status}");
+    assert_eq!(status["pending"], 2, "{status}");
+
+    proxy.restore();
+    let back = Instant::now();
+    loop {
+        let status: Value = local.get("/api/maestra/sync").await.json().await.unwrap();
+        if status["state"] == "ok" && status["pending"] == 0 {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(3),
+            "not caught up within the 2 s interval: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_same(&local.address, &cloud.app.address, &key, "ana").await;
+}
+
 #[sqlx::test(migrations = false)]
 async fn deletions_made_while_apart_reach_the_other_side_and_never_come_back(
     _: PgPoolOptions,
