@@ -254,3 +254,29 @@ core_bodies() { # prefix, count, [extra JSON fields]
 bench_header() { # title
   echo "$1: $(date -u +%FT%TZ), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 }
+
+# start_cloud_at PORT NAME [VAR=value...]: start_cloud on a port chosen by the caller (a cloud
+# stopped and started again on its address, as bench/sync.sh does); sets server_pid and
+# server_url.
+start_cloud_at() {
+  local port=$1 name=$2
+  shift 2
+  env MAESTRA_MODE=cloud MAESTRA_HOST=127.0.0.1 MAESTRA_PORT="$port" MAESTRA_LOG_LEVEL=warn "$@" \
+    "$MAESTRA" serve >>"$bench_work/$name.log" 2>&1 &
+  server_pid=$!
+  bench_pids+=("$server_pid")
+  server_url="http://127.0.0.1:$port"
+  bench_wait_http "$server_url/health/ready"
+}
+
+# forget_pid PID: a process stopped already (stop_server) is not signalled again on exit.
+forget_pid() {
+  local i
+  for i in "${!bench_pids[@]}"; do
+    if [ "${bench_pids[$i]}" = "$1" ]; then unset 'bench_pids[i]'; fi
+  done
+  bench_pids=("${bench_pids[@]}")
+}
+
+# Milliseconds since the epoch.
+now_ms() { date +%s%3N; }

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # shellcheck disable=SC2154 # the figures are variables set by sourcing $BENCH_RESULTS
-# The whole benchmark suite in one invocation, bounded in time (about 4-5 minutes with
+# The whole benchmark suite in one invocation, bounded in time (about 8-9 minutes with
 # DURATION=10s), loopback only, against the release binary: bench/local.sh, bench/provider.sh,
-# bench/cloud.sh (with bench/pgbench.sh on its database) and bench/growth.sh, then a summary of
-# the targets, each measured as a ratio to a baseline taken in this same run.
+# bench/cloud.sh (with bench/pgbench.sh on its database), bench/growth.sh and bench/sync.sh, then
+# a summary of the targets, each measured as a ratio to a baseline taken in this same run.
 #   bench/run.sh                     # DURATION=10s CONNECTIONS=32 RATE=500
 #   SKIP_GROWTH=1 bench/run.sh       # without the growth and memory benchmarks
+#   SKIP_SYNC=1 bench/run.sh         # without the sync benchmarks (about 4 minutes)
 set -euo pipefail
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -19,8 +20,9 @@ started=$(date +%s)
 machine="$(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GB", $2 / 1048576 }' /proc/meminfo), $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)"
 echo "maestra benchmark suite: $(date -u +%FT%TZ); $machine; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "DURATION=$DURATION CONNECTIONS=$CONNECTIONS RATE=${RATE:-500}; $(git -C "$BENCH_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
-for script in local provider cloud growth; do
+for script in local provider cloud growth sync; do
   if [ "$script" = growth ] && [ -n "${SKIP_GROWTH:-}" ]; then continue; fi
+  if [ "$script" = sync ] && [ -n "${SKIP_SYNC:-}" ]; then continue; fi
   echo
   echo "===== bench/$script.sh"
   "$BENCH_ROOT/bench/$script.sh"
@@ -76,5 +78,23 @@ if [ -z "${SKIP_GROWTH:-}" ]; then
     "100: $memory_rss_100, 1,000: $memory_rss_1000, 20,000: $memory_rss_20000 MB" \
     "$(awk -v a="$memory_rss_20000" -v b="$memory_rss_1000" 'BEGIN { printf "%.2fx", a / b }')" \
     "$(verdict 'a / b <= 1.25' -v a="$memory_rss_20000" -v b="$memory_rss_1000")"
+fi
+if [ -z "${SKIP_SYNC:-}" ]; then
+  row "sync: converge, 1,000 pending, after reconnecting (<= 5 s)" \
+    "$(awk -v a="$sync_converge_ms" 'BEGIN { printf "%.2f s", a / 1000 }') vs psql inserting them $sync_converge_floor_ms ms" \
+    "$(awk -v a="$sync_converge_ms" -v b="$sync_converge_floor_ms" 'BEGIN { printf "%.2fx", a / b }')" \
+    "$(verdict 'a <= 5000' -v a="$sync_converge_ms")"
+  row "sync: a new install pulls 10,000 messages (<= 10 s)" \
+    "$(awk -v a="$sync_pull_ms" 'BEGIN { printf "%.2f s", a / 1000 }') vs psql reading them $sync_pull_floor_ms ms" \
+    "$(awk -v a="$sync_pull_ms" -v b="$sync_pull_floor_ms" 'BEGIN { printf "%.2fx", a / b }')" \
+    "$(verdict 'a <= 10000' -v a="$sync_pull_ms")"
+  row "sync: a round with nothing to do (1 request, <= 1 KiB)" \
+    "$sync_idle_requests request, $sync_idle_bytes B vs GET /health/live $sync_idle_floor_bytes B" \
+    "$(awk -v a="$sync_idle_bytes" -v b="$sync_idle_floor_bytes" 'BEGIN { printf "%.2fx", a / b }')" \
+    "$(verdict 'n == 1 && b <= 1024' -v n="$sync_idle_requests" -v b="$sync_idle_bytes")"
+  row "sync: a local turn with sync on vs off (<= 1.05x)" \
+    "p50 ${sync_turn_p50}x, p99 ${sync_turn_p99}x, CPU ${sync_turn_cpu}x; saturation ${sync_turn_rps}x" \
+    "${sync_turn_p99}x (p99)" \
+    "$(verdict 'a <= 1.05 && b <= 1.05' -v a="$sync_turn_p50" -v b="$sync_turn_p99")"
 fi
 echo "streaming (local, offline responder): $stream_rps req/s, p99 $stream_p99 ms, $stream_errors errors"
