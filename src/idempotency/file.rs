@@ -111,15 +111,22 @@ fn read(path: &PathBuf) -> Result<Option<Record>, StoreError> {
 fn write(inner: &Inner, path: &PathBuf, record: &Record) -> Result<(), StoreError> {
     let temp = path.with_extension("tmp");
     let bytes = serde_json::to_vec(record).context("cannot encode an idempotency record")?;
-    let mut file = File::options()
+    let written = File::options()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&temp)?;
-    file.write_all(&bytes)?;
-    file.sync_data()?;
-    fs::rename(&temp, path)?;
+        .open(&temp)
+        .and_then(|mut file| {
+            file.write_all(&bytes)?;
+            file.sync_data()
+        })
+        .and_then(|()| fs::rename(&temp, path));
+    if let Err(e) = written {
+        // E.g. a full disk: no half-written record is left behind.
+        let _ = fs::remove_file(&temp);
+        return Err(e.into());
+    }
     File::open(&inner.dir)?.sync_all()?;
     Ok(())
 }
