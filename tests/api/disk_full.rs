@@ -14,7 +14,10 @@ use std::process::Command;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-use crate::helpers::{ServerProcess, all_messages};
+use crate::fake_provider::{FakeProvider, Step};
+use crate::helpers::{
+    ServerProcess, TEST_LLM_API_KEY, TEST_MODEL, TEST_PRICE_INPUT, TEST_PRICE_OUTPUT, all_messages,
+};
 
 /// A tmpfs of a given size on a fresh folder, unmounted when dropped.
 struct SmallDisk {
@@ -269,4 +272,67 @@ async fn a_full_disk_is_a_clear_507_loses_nothing_and_passes_once_space_is_freed
 #[tokio::test]
 async fn a_full_disk_under_the_journal_itself_refuses_appends_without_stopping_the_store() {
     a_full_disk_loses_nothing_and_is_served_again_once_space_is_freed(true).await;
+}
+
+#[tokio::test]
+async fn a_disk_that_fills_while_the_model_answers_keeps_the_message_and_a_retry_stores_the_reply()
+{
+    // A long reply (it needs new blocks), a second after the request reaches the provider.
+    let reply = "word ".repeat(4000);
+    let provider = FakeProvider::start(Step::Delay(
+        std::time::Duration::from_secs(1),
+        Box::new(Step::Reply(reply.clone())),
+    ))
+    .await;
+    let disk = SmallDisk::mount("12m");
+    let data = disk.path().join("data");
+    let server = ServerProcess::start(
+        &data,
+        &[
+            ("MAESTRA_LLM_BASE_URL", provider.base_url.as_str()),
+            ("MAESTRA_LLM_MODEL", TEST_MODEL),
+            ("MAESTRA_LLM_API_KEY", TEST_LLM_API_KEY),
+            ("MAESTRA_LLM_PRICE_INPUT", TEST_PRICE_INPUT),
+            ("MAESTRA_LLM_PRICE_OUTPUT", TEST_PRICE_OUTPUT),
+        ],
+    )
+    .await;
+    let body = json!({"user_id": "ana", "surface_id": "cli", "conversation_id": "conv_mid", "message": "Hello"});
+    let send = || {
+        reqwest::Client::new()
+            .post(server.url("/api/maestra/core"))
+            .header("Idempotency-Key", "retry-me")
+            .json(&body)
+            .send()
+    };
+    let turn = tokio::spawn(send());
+    // The user's message is stored before the provider is asked: fill the disk meanwhile.
+    while provider.received().is_empty() {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let filler = fill(disk.path());
+    let response = turn.await.unwrap().unwrap();
+    assert_eq!(response.status(), 507);
+    let error: Value = response.json().await.unwrap();
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains("full"), "{message}");
+    assert!(
+        message.contains("your message was stored (conversation conv_mid, seq 1)"),
+        "{message}"
+    );
+    assert_no_torn_line(&data);
+
+    // Space freed: the retry (same key) asks the model again and stores the reply; the
+    // user's message is not stored twice.
+    fs::remove_file(filler).unwrap();
+    let retried = send().await.unwrap();
+    assert_eq!(retried.status(), 200);
+    let messages = all_messages(&server.url(""), None, "conv_mid").await;
+    let roles: Vec<_> = messages.iter().map(|m| m["role"].clone()).collect();
+    assert_eq!(roles, [json!("user"), json!("assistant")]);
+    assert!(
+        messages[1]["content"] == reply.as_str(),
+        "the reply is stored whole"
+    );
+    assert_no_torn_line(&data);
 }
