@@ -474,7 +474,9 @@ impl Journal {
     }
 
     /// Adds `entry` and waits until it is durable. Fails for good once a write or flush of the
-    /// journal has failed (what happened to the disk cannot be known after that).
+    /// journal has failed (what happened to the disk cannot be known after that), except a
+    /// write that met a full disk: that refuses its batch alone (`is_storage_full` says so to
+    /// its callers), and the journal goes on.
     ///
     /// Group commit without a thread of its own: a caller that finds no flush under way writes
     /// and flushes everything gathered so far, its own entry and those of the callers waiting;
