@@ -21,5 +21,6 @@ pub mod startup;
 pub mod store;
 pub mod sync;
 pub mod telemetry;
+pub mod turns;
 pub mod usage_log;
 pub mod usage_report;

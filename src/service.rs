@@ -46,6 +46,15 @@ pub enum TurnError {
         conversation_id: ConversationId,
         seq: i64,
     },
+    /// The reply could not be stored (the user's message, `seq`, is).
+    #[error(
+        "the reply could not be stored: {source}; your message was stored (conversation {conversation_id}, seq {seq})"
+    )]
+    ReplyNotStored {
+        source: StoreError,
+        conversation_id: ConversationId,
+        seq: i64,
+    },
     /// The `Idempotency-Key` belongs to another request, or to one still running.
     #[error("{0}")]
     IdempotencyConflict(String),
@@ -261,7 +270,12 @@ impl ConversationService {
         let stored = self
             .store
             .append_once(&turn.owner, &conversation_id, assistant)
-            .await?;
+            .await
+            .map_err(|source| TurnError::ReplyNotStored {
+                source,
+                conversation_id: conversation_id.clone(),
+                seq: user_seq,
+            })?;
         if stored.existed {
             // Synced here while the model was answering: that copy is the turn's reply.
             return Ok(TurnOutcome::of_stored_reply(

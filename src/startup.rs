@@ -29,13 +29,15 @@ use crate::responder;
 use crate::service::ConversationService;
 use crate::store::{FileStore, MeasuredStore, PgStore, create_private_dir};
 use crate::sync::{CloudSync, LocalSync, SyncSide};
+use crate::turns::Turns;
 use crate::usage_log::UsageLog;
 
 /// The tenant of every local-mode conversation.
 pub const LOCAL_TENANT: &str = "local";
 /// How long a client may take to send a request's head.
 const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long in-flight requests may take to finish after SIGINT/SIGTERM.
+/// How long in-flight requests, and turns whose clients have gone, may take to finish after
+/// SIGINT/SIGTERM (the service units wait 35 s: `service_unit::STOP_TIMEOUT_SECONDS`).
 const SHUTDOWN_GRACE_SECONDS: u64 = 30;
 
 pub struct Application {
@@ -50,6 +52,8 @@ pub struct Application {
     /// Raised on SIGTERM/SIGINT; `/health/ready` then answers 503 for `drain`.
     draining: Arc<AtomicBool>,
     drain: Duration,
+    /// Conversation turns, waited for at a stop (their clients may have gone).
+    turns: Turns,
 }
 
 /// Tasks that serve the server (e.g. following key changes); aborted when dropped.
@@ -145,6 +149,7 @@ impl Application {
             None,
         );
         let draining = Arc::clone(&state.draining);
+        let turns = state.turns.clone();
         let server = serve(listener, state, metrics, &settings, None)?;
         tracing::info!(
             mode = settings.mode.as_str(),
@@ -160,6 +165,7 @@ impl Application {
             background,
             draining,
             drain: settings.drain,
+            turns,
         })
     }
 
@@ -227,6 +233,7 @@ impl Application {
         limiter.start().await;
         let state = app_state(service, &settings, None, sync, Some(Arc::clone(&limiter)));
         let draining = Arc::clone(&state.draining);
+        let turns = state.turns.clone();
         let server = serve(
             listener,
             state,
@@ -247,6 +254,7 @@ impl Application {
             background,
             draining,
             drain: settings.drain,
+            turns,
         })
     }
 
@@ -260,10 +268,14 @@ impl Application {
     }
 
     /// Serves until SIGINT/SIGTERM; then reports not ready for the drain period, stops
-    /// accepting, and lets in-flight requests finish.
-    pub async fn run_until_stopped(self) -> io::Result<()> {
+    /// accepting, lets in-flight requests finish, and waits for the turns still running (those
+    /// whose clients have gone, waiting on the model provider) so that their replies are
+    /// stored: all of it within `SHUTDOWN_GRACE_SECONDS` of the stop.
+    pub async fn run_until_stopped(mut self) -> io::Result<()> {
         let handle = self.server.handle();
         let (draining, drain) = (Arc::clone(&self.draining), self.drain);
+        let stopping_since = Arc::new(std::sync::OnceLock::new());
+        let stop_began = Arc::clone(&stopping_since);
         let on_signal = tokio::spawn(async move {
             if let Err(e) = shutdown_signal().await {
                 tracing::error!(error = %e, "cannot listen for shutdown signals");
@@ -272,10 +284,17 @@ impl Application {
             draining.store(true, Ordering::Relaxed);
             tracing::info!(drain_seconds = drain.as_secs(), "shutting down");
             tokio::time::sleep(drain).await;
+            let _ = stop_began.set(Instant::now());
             handle.stop(true).await;
         });
-        let result = self.server.await;
+        let result = (&mut self.server).await;
         on_signal.abort();
+        let since = stopping_since.get().copied().unwrap_or_else(Instant::now);
+        finish_turns(
+            &self.turns,
+            since + Duration::from_secs(SHUTDOWN_GRACE_SECONDS),
+        )
+        .await;
         if let Some(authenticator) = &self.authenticator {
             authenticator.flush_last_used().await;
         }
@@ -289,6 +308,22 @@ impl Application {
         }
         tracing::info!("maestra stopped");
         result
+    }
+}
+
+/// Waits (until `deadline`) for the turns still running: their replies are stored before the
+/// store closes. A turn still waiting at the deadline keeps the user's message only.
+async fn finish_turns(turns: &Turns, deadline: Instant) {
+    let running = turns.running();
+    if running == 0 {
+        return;
+    }
+    tracing::info!(turns = running, "waiting for turns still running");
+    if !turns.wait_until_idle(deadline).await {
+        tracing::warn!(
+            turns = turns.running(),
+            "stopping with turns unfinished: their users' messages are stored, their replies are not"
+        );
     }
 }
 
@@ -319,6 +354,7 @@ fn app_state(
         body_timeout: settings.body_timeout,
         sync,
         rate_limiter,
+        turns: Turns::on_current_runtime(),
     })
 }
 

@@ -58,8 +58,14 @@ impl UsageLog {
         line.push(b'\n');
         // One write call per line on an O_APPEND file: lines never interleave.
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let before = file.metadata().map(|m| m.len());
         if let Err(e) = file.write_all(&line) {
             tracing::error!(error = %e, "cannot append to the usage ledger");
+            // A full disk may have taken part of the line: cut it off, so that every line
+            // stays whole (`jq` and `maestra usage` read them).
+            if let Ok(before) = before {
+                let _ = file.set_len(before);
+            }
         }
     }
 }

@@ -124,12 +124,14 @@ fn accepts_event_stream(request: &HttpRequest) -> bool {
 }
 
 /// Runs the turn in a task of its own: once the user's message is accepted, the turn runs to
-/// the end and its reply is stored even if the client goes away meanwhile.
+/// the end and its reply is stored even if the client goes away meanwhile, or the server is
+/// asked to stop (it waits for its turns; see `Turns`).
 fn spawn_turn(
     state: &web::Data<AppState>,
     turn: Turn,
     deltas: Option<Deltas>,
 ) -> JoinHandle<Result<TurnOutcome, TurnError>> {
+    let turns = state.turns.clone();
     let state = state.clone();
     let work = async move {
         match deltas {
@@ -139,7 +141,7 @@ fn spawn_turn(
     };
     let work = request_id::scope(request_id::current(), work).instrument(tracing::Span::current());
     let work = ProviderClock::current().scope(work);
-    tokio::spawn(work)
+    turns.spawn(work)
 }
 
 fn finished(

@@ -52,6 +52,9 @@ pub enum ApiError {
     /// 504: the model provider did not answer in time.
     #[error("{0}")]
     ProviderTimeout(String),
+    /// 507: the disk holding the conversations is full (local mode); retry once space is freed.
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// 500: anything unexpected.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -72,6 +75,7 @@ impl ApiError {
             ApiError::Provider(_) => "provider_error",
             ApiError::StorageUnavailable(_) => "storage_unavailable",
             ApiError::ProviderTimeout(_) => "provider_timeout",
+            ApiError::InsufficientStorage(_) => "insufficient_storage",
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -92,6 +96,7 @@ impl ResponseError for ApiError {
             ApiError::Provider(_) => StatusCode::BAD_GATEWAY,
             ApiError::StorageUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::ProviderTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -150,15 +155,43 @@ impl From<StoreError> for ApiError {
                     "conversation storage is unavailable; try again shortly".to_owned(),
                 )
             }
+            StoreError::Full(reason) => {
+                tracing::warn!(%reason, "storage full");
+                ApiError::InsufficientStorage(format!(
+                    "{DISK_FULL}; nothing of this request was stored"
+                ))
+            }
             StoreError::Other(e) => ApiError::Internal(e),
         }
     }
 }
 
+/// What a client is told when the disk is full.
+pub const DISK_FULL: &str =
+    "the disk holding the conversations is full: free some space, then retry";
+
 impl From<TurnError> for ApiError {
     fn from(e: TurnError) -> Self {
         match e {
             TurnError::Store(e) => e.into(),
+            TurnError::ReplyNotStored {
+                source,
+                conversation_id,
+                seq,
+            } => {
+                let stored = format!(
+                    "your message was stored (conversation {conversation_id}, seq {seq}), the reply was not"
+                );
+                match ApiError::from(source) {
+                    ApiError::InsufficientStorage(_) => {
+                        ApiError::InsufficientStorage(format!("{DISK_FULL}; {stored}"))
+                    }
+                    ApiError::StorageUnavailable(message) => {
+                        ApiError::StorageUnavailable(format!("{message}; {stored}"))
+                    }
+                    other => other,
+                }
+            }
             TurnError::IdempotencyConflict(message) => ApiError::IdempotencyConflict(message),
             TurnError::Responder { ref source, .. } => match source {
                 ResponderError::Timeout => ApiError::ProviderTimeout(e.to_string()),

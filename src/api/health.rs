@@ -8,6 +8,7 @@ use actix_web::{HttpResponse, web};
 use serde_json::json;
 
 use super::AppState;
+use crate::store::StoreError;
 use crate::sync::SyncSide;
 
 #[utoipa::path(
@@ -49,9 +50,24 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     match storage {
         Ok(()) => HttpResponse::Ok().json(body("healthy", "ok")),
         Err(e) => {
-            tracing::warn!(error = %e, "health check: storage unavailable");
-            HttpResponse::ServiceUnavailable().json(body("degraded", "unavailable"))
+            tracing::warn!(error = %e, "health check: storage unusable");
+            let (storage, reason) = degraded(&e);
+            let mut body = body("degraded", storage);
+            body["reason"] = json!(reason);
+            HttpResponse::ServiceUnavailable().json(body)
         }
+    }
+}
+
+/// `storage` and `reason` for a store that cannot be used: why, in words an operator acts on
+/// (the details, which may name hosts or paths, stay in the log).
+fn degraded(error: &StoreError) -> (&'static str, &'static str) {
+    match error {
+        StoreError::Full(_) => ("full", super::errors::DISK_FULL),
+        _ => (
+            "unavailable",
+            "the conversation storage cannot be read or written; see the server's log",
+        ),
     }
 }
 
@@ -79,9 +95,13 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     match state.service.store().check().await {
         Ok(()) => HttpResponse::Ok().json(json!({"status": "ready"})),
         Err(e) => {
-            tracing::warn!(error = %e, "readiness: storage unavailable");
+            tracing::warn!(error = %e, "readiness: storage unusable");
+            let reason = match e {
+                StoreError::Full(_) => "storage full",
+                _ => "storage unavailable",
+            };
             HttpResponse::ServiceUnavailable()
-                .json(json!({"status": "not_ready", "reason": "storage unavailable"}))
+                .json(json!({"status": "not_ready", "reason": reason}))
         }
     }
 }

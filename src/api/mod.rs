@@ -49,6 +49,8 @@ pub struct AppState {
     pub sync: SyncSide,
     /// Cloud mode: the rate limiter, whose state `/health` reports.
     pub rate_limiter: Option<Arc<crate::ratelimit::RateLimiter>>,
+    /// Conversation turns: run on the server's runtime, counted so that a stop waits for them.
+    pub turns: crate::turns::Turns,
 }
 
 /// Routes and extractor settings. With the gate (cloud mode), every `/api` route needs a key

@@ -198,6 +198,7 @@ pub enum ErrorCode {
     ProviderError,
     StorageUnavailable,
     ProviderTimeout,
+    InsufficientStorage,
 }
 
 #[derive(ToSchema)]
@@ -207,6 +208,9 @@ pub struct Health {
     pub version: String,
     pub mode: ServerMode,
     pub storage: StorageState,
+    /// When degraded: why, e.g. that the disk holding the conversations is full.
+    #[schema(nullable = false)]
+    pub reason: Option<String>,
     pub uptime_seconds: u64,
     /// Local mode: how sync with the cloud stands.
     #[schema(nullable = false)]
@@ -425,6 +429,8 @@ pub enum ServerMode {
 pub enum StorageState {
     Ok,
     Unavailable,
+    /// Local mode: the disk holding the conversations is full.
+    Full,
 }
 
 /// One message for Maestra. Unknown fields are ignored.
@@ -615,7 +621,7 @@ pub enum HealthResponses {
     /// The service and its storage are usable.
     #[response(status = 200)]
     Healthy(Health),
-    /// The storage cannot be used: `status` is `degraded`.
+    /// The storage cannot be used: `status` is `degraded`, `storage` and `reason` say why.
     #[response(status = 503)]
     Degraded(Health),
 }
@@ -678,6 +684,10 @@ pub enum CoreResponses {
     /// The model provider did not answer in time; the user's message is stored.
     #[response(status = 504)]
     ProviderTimeout(ErrorEnvelope),
+    /// Local mode: the disk is full; nothing was stored (or, when the reply could not be, the
+    /// message says that the user's message was).
+    #[response(status = 507)]
+    InsufficientStorage(ErrorEnvelope),
     /// Any other failure (e.g. 403 for a non-loopback Host in local mode, 500).
     #[response(status = "default")]
     Other(ErrorEnvelope),
@@ -781,6 +791,9 @@ pub enum DeleteResponses {
     /// The storage cannot be reached.
     #[response(status = 503)]
     StorageUnavailable(ErrorEnvelope),
+    /// Local mode: the disk is full (the deletion is recorded before it is done); nothing changed.
+    #[response(status = 507)]
+    InsufficientStorage(ErrorEnvelope),
     /// Any other failure.
     #[response(status = "default")]
     Other(ErrorEnvelope),

@@ -2,7 +2,7 @@
 //! replaced whole (write, fsync, rename) at each step. Records older than 24 h are removed at
 //! start and ignored after.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -29,6 +29,9 @@ struct Inner {
     dir: PathBuf,
     /// Serialises the steps of one key (in-process: one server per data folder).
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Records released while their release could not be written (a full disk): their lease
+    /// is over all the same, so that a retry need not wait for it.
+    released: Mutex<HashSet<PathBuf>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -65,6 +68,7 @@ impl FileIdempotency {
             inner: Arc::new(Inner {
                 dir,
                 locks: Mutex::new(HashMap::new()),
+                released: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -111,15 +115,22 @@ fn read(path: &PathBuf) -> Result<Option<Record>, StoreError> {
 fn write(inner: &Inner, path: &PathBuf, record: &Record) -> Result<(), StoreError> {
     let temp = path.with_extension("tmp");
     let bytes = serde_json::to_vec(record).context("cannot encode an idempotency record")?;
-    let mut file = File::options()
+    let written = File::options()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&temp)?;
-    file.write_all(&bytes)?;
-    file.sync_data()?;
-    fs::rename(&temp, path)?;
+        .open(&temp)
+        .and_then(|mut file| {
+            file.write_all(&bytes)?;
+            file.sync_data()
+        })
+        .and_then(|()| fs::rename(&temp, path));
+    if let Err(e) = written {
+        // E.g. a full disk: no half-written record is left behind.
+        let _ = fs::remove_file(&temp);
+        return Err(e.into());
+    }
     File::open(&inner.dir)?.sync_all()?;
     Ok(())
 }
@@ -152,7 +163,12 @@ impl IdempotencyStore for FileIdempotency {
                     if let Some(outcome) = record.outcome {
                         return Ok(Begin::Replay(Box::new(outcome)));
                     }
-                    if record.locked_until.is_some_and(|until| until > now) {
+                    let released = inner
+                        .released
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .contains(&path);
+                    if !released && record.locked_until.is_some_and(|until| until > now) {
                         return Ok(Begin::InProgress);
                     }
                     let begin = match (&record.conversation_id, record.user_seq) {
@@ -183,6 +199,11 @@ impl IdempotencyStore for FileIdempotency {
                 ),
             };
             write(inner, &path, &record)?;
+            inner
+                .released
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&path);
             Ok(begin)
         })
         .await
@@ -223,7 +244,15 @@ impl IdempotencyStore for FileIdempotency {
 
     async fn release(&self, tenant: &str, key: &IdempotencyKey) -> Result<(), StoreError> {
         self.blocking(tenant, key, |inner, path, _| {
-            update(inner, &path, |record| record.locked_until = None)
+            let released = update(inner, &path, |record| record.locked_until = None);
+            if released.is_err() {
+                inner
+                    .released
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(path);
+            }
+            released
         })
         .await
     }

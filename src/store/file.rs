@@ -16,6 +16,7 @@ use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::mem;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 
 use anyhow::{Context, anyhow};
@@ -32,6 +33,10 @@ const FILE_EXTENSION: &str = "json";
 /// Open conversations kept in memory (each holds a file descriptor); idle ones beyond this are
 /// closed. Well under macOS's default limit of 256 descriptors for a launchd agent.
 const MAX_OPEN: usize = 128;
+/// While the disk is known to be full, `check` writes (then removes) a file this large to see
+/// whether there is room again: about a message of the largest size, however escaped.
+const PROBE_BYTES: usize = 256 << 10;
+const PROBE_FILE: &str = ".space-probe";
 
 #[derive(Clone)]
 pub struct FileStore {
@@ -49,6 +54,9 @@ struct Inner {
     changed: Mutex<HashSet<ConversationId>>,
     /// Woken by every message written and every conversation deleted here.
     change: tokio::sync::Notify,
+    /// Set when a write found the disk full, cleared by the next write that succeeds (or a
+    /// health check that finds room again). Writes are never held back by it.
+    full: AtomicBool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -179,6 +187,7 @@ impl FileStore {
                 deletions,
                 changed: Mutex::new(HashSet::new()),
                 change: tokio::sync::Notify::new(),
+                full: AtomicBool::new(false),
             }),
         };
         // A crash between recording a deletion and carrying it out leaves it to redo.
@@ -294,24 +303,43 @@ impl FileStore {
         messages: Vec<Message>,
     ) -> Result<Applied, StoreError> {
         let (owner, conversation) = (owner.clone(), conversation.clone());
-        self.blocking(move |inner| inner.apply_remote(&owner, &conversation, messages))
-            .await
+        let applied = self
+            .blocking(move |inner| inner.apply_remote(&owner, &conversation, messages))
+            .await;
+        self.noted(applied)
     }
 
     /// A deletion made elsewhere: recorded, then carried out here.
     pub async fn apply_remote_deletion(&self, deletion: Deletion) -> Result<(), StoreError> {
-        self.blocking(move |inner| {
-            if inner
-                .deletions
-                .latest(&deletion.conversation_id)
-                .is_some_and(|known| known.deleted_at >= deletion.deleted_at)
-            {
-                return Ok(());
+        let done = self
+            .blocking(move |inner| {
+                if inner
+                    .deletions
+                    .latest(&deletion.conversation_id)
+                    .is_some_and(|known| known.deleted_at >= deletion.deleted_at)
+                {
+                    return Ok(());
+                }
+                inner.deletions.record(deletion.clone())?;
+                inner.erase_until(&deletion)
+            })
+            .await;
+        self.noted(done)
+    }
+
+    /// A write's result, noting whether the disk is full (for `check`).
+    fn noted<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        match &result {
+            Ok(_) => {
+                if self.inner.full.load(Ordering::Relaxed) {
+                    self.inner.full.store(false, Ordering::Relaxed);
+                    tracing::info!("the disk has room again: appends are stored");
+                }
             }
-            inner.deletions.record(deletion.clone())?;
-            inner.erase_until(&deletion)
-        })
-        .await
+            Err(StoreError::Full(_)) => self.inner.full.store(true, Ordering::Relaxed),
+            Err(_) => {}
+        }
+        result
     }
 
     /// Runs blocking file work off the async executor.
@@ -338,7 +366,8 @@ impl ConversationStore for FileStore {
         let (owner, conversation) = (owner.clone(), conversation.clone());
         let appended = self
             .blocking(move |inner| inner.append_once(&owner, &conversation, message))
-            .await?;
+            .await;
+        let appended = self.noted(appended)?;
         if !appended.existed {
             self.inner.change.notify_one();
         }
@@ -397,8 +426,10 @@ impl ConversationStore for FileStore {
 
     async fn delete(&self, owner: &Owner, conversation: &ConversationId) -> Result<(), StoreError> {
         let (owner, conversation) = (owner.clone(), conversation.clone());
-        self.blocking(move |inner| inner.delete(&owner, &conversation))
-            .await?;
+        let deleted = self
+            .blocking(move |inner| inner.delete(&owner, &conversation))
+            .await;
+        self.noted(deleted)?;
         self.inner.change.notify_one();
         Ok(())
     }
@@ -406,6 +437,11 @@ impl ConversationStore for FileStore {
     async fn check(&self) -> Result<(), StoreError> {
         if let Some(failure) = self.inner.journal.failure() {
             return Err(StoreError::Unavailable(failure));
+        }
+        if self.inner.full.load(Ordering::Relaxed) {
+            // Still full? (Rare, and only until there is room: off the async threads.)
+            let probed = self.blocking(|inner| Ok(inner.probe_space())).await?;
+            self.noted(probed)?;
         }
         // One stat of a local folder: inline, as a hand-off to the blocking pool would cost
         // far more than the call (it was most of /health's time under load).
@@ -423,7 +459,11 @@ impl ConversationStore for FileStore {
 
 impl From<io::Error> for StoreError {
     fn from(e: io::Error) -> Self {
-        StoreError::Unavailable(e.to_string())
+        if journal::is_storage_full(&e) {
+            StoreError::Full(e.to_string())
+        } else {
+            StoreError::Unavailable(e.to_string())
+        }
     }
 }
 
@@ -438,6 +478,20 @@ type Slot = Arc<Mutex<Option<OpenConversation>>>;
 impl Inner {
     fn path(&self, conversation: &ConversationId) -> PathBuf {
         file_path(&self.dir, conversation.as_str())
+    }
+
+    /// Whether `PROBE_BYTES` can be written in the conversations folder now.
+    fn probe_space(&self) -> Result<(), StoreError> {
+        let path = self.dir.join(PROBE_FILE);
+        let written = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut file| file.write_all(&vec![0; PROBE_BYTES]));
+        let _ = fs::remove_file(&path);
+        Ok(written?)
     }
 
     /// Appends `bytes` at `offset`, the end of the conversation's file, and makes them durable

@@ -17,6 +17,14 @@
 //! bytes, then records, each `len u32 | generation u64 | crc u32 | payload`. Generations grow
 //! across segments and runs; a record counts only if it carries its segment's generation and its
 //! CRC matches, so what an earlier cycle left further on is never read as new.
+//!
+//! A full disk (ENOSPC, EDQUOT) while writing records — on a filesystem where overwriting a
+//! preallocated file still needs new blocks: copy-on-write ones, or sparse segments — refuses
+//! the batch being written and nothing else: its callers get the error, the journal goes on.
+//! The refused bytes may lie, partly written, after the last durable record; the next write
+//! starts with a padding record covering them exactly, so that none of them can ever be read
+//! as a record. A failed flush (`fdatasync`) still stops the journal for good: what the disk
+//! holds after it cannot be known.
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
@@ -38,6 +46,10 @@ const FRAME_LEN: usize = 4 + 8 + 4;
 const WRITE: u8 = 1;
 const DELETE: u8 = 2;
 const REPLACE: u8 = 3;
+/// A record that stands for nothing: covers bytes a refused write may have left.
+const PAD: u8 = 4;
+/// The smallest record: a frame, a kind and an id length.
+const MIN_RECORD: u64 = FRAME_LEN as u64 + 2;
 
 /// One change to a conversation file, as the journal keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,9 +164,13 @@ struct Shared {
 #[derive(Default)]
 struct State {
     pending: Vec<Entry>,
-    /// Entries handed in so far, and how many of them are durable.
+    /// Entries handed in so far, and how many of them are settled: durable, or refused (see
+    /// `refused`).
     submitted: u64,
     durable: u64,
+    /// Batches refused because the disk was full, by their entries' tickets; each is dropped
+    /// once all its callers have been told.
+    refused: Vec<Refusal>,
     /// Whether a caller is writing and flushing right now.
     flushing: bool,
     /// Set once, by a failed write or flush; everything fails after it.
@@ -169,6 +185,50 @@ struct State {
     clean: [bool; SEGMENTS],
 }
 
+/// Entries `after + 1 ..= through` were refused: the disk was full.
+struct Refusal {
+    after: u64,
+    through: u64,
+    /// Callers not yet told.
+    waiting: u64,
+    kind: io::ErrorKind,
+    message: String,
+}
+
+impl State {
+    /// The error for a refused ticket, if it was refused.
+    fn refusal(&mut self, ticket: u64) -> Option<io::Error> {
+        let index = self
+            .refused
+            .iter()
+            .position(|r| r.after < ticket && ticket <= r.through)?;
+        let refusal = &mut self.refused[index];
+        let error = io::Error::new(refusal.kind, refusal.message.clone());
+        refusal.waiting -= 1;
+        if refusal.waiting == 0 {
+            self.refused.swap_remove(index);
+        }
+        Some(error)
+    }
+}
+
+/// The disk (or the user's quota) is full: retrying once space is freed may succeed.
+pub fn is_storage_full(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}
+
+/// An error after which the journal must stop for good, whatever its kind.
+fn fatal(error: io::Error) -> io::Error {
+    if is_storage_full(&error) {
+        io::Error::other(error)
+    } else {
+        error
+    }
+}
+
 /// Where the journal writes next.
 struct Writer {
     segment_bytes: u64,
@@ -179,6 +239,9 @@ struct Writer {
     /// Conversations the active segment has touched.
     touched: HashSet<String>,
     buffer: Vec<u8>,
+    /// After a refused write: the end of what it may have left in the active segment, which
+    /// the next write covers.
+    dirty_until: u64,
     /// After a clean stop nothing more may be written: the journal is erased.
     closed: bool,
 }
@@ -246,9 +309,11 @@ fn read_records(segment: &[u8], generation: u64) -> Vec<Entry> {
         {
             break;
         }
-        match Entry::decode(payload) {
-            Some(entry) => entries.push(entry),
-            None => break,
+        if payload.first() != Some(&PAD) {
+            match Entry::decode(payload) {
+                Some(entry) => entries.push(entry),
+                None => break,
+            }
         }
         rest = after;
     }
@@ -378,6 +443,7 @@ impl Journal {
                 position: HEADER_LEN,
                 touched: HashSet::new(),
                 buffer: Vec::new(),
+                dirty_until: 0,
                 closed: false,
             }),
             to_checkpoint: Condvar::new(),
@@ -408,7 +474,9 @@ impl Journal {
     }
 
     /// Adds `entry` and waits until it is durable. Fails for good once a write or flush of the
-    /// journal has failed (what happened to the disk cannot be known after that).
+    /// journal has failed (what happened to the disk cannot be known after that), except a
+    /// write that met a full disk: that refuses its batch alone (`is_storage_full` says so to
+    /// its callers), and the journal goes on.
     ///
     /// Group commit without a thread of its own: a caller that finds no flush under way writes
     /// and flushes everything gathered so far, its own entry and those of the callers waiting;
@@ -429,9 +497,9 @@ impl Journal {
         state.submitted += 1;
         let ticket = state.submitted;
         loop {
-            // Durable first: an entry flushed before a failure was still made durable.
+            // Settled first: an entry flushed before a failure was still made durable.
             if state.durable >= ticket {
-                return Ok(());
+                return state.refusal(ticket).map_or(Ok(()), Err);
             }
             if let Some(failure) = &state.failure {
                 return Err(io::Error::other(failure.clone()));
@@ -451,9 +519,25 @@ impl Journal {
             state = lock(&shared.state);
             state.flushing = false;
             state.durable = first + flushed as u64;
-            if let Err(e) = written {
-                tracing::error!(error = %e, "the store's journal cannot be written");
-                state.failure = Some(format!("the store's journal cannot be written: {e}"));
+            match written {
+                Ok(()) => {}
+                Err(e) if is_storage_full(&e) => {
+                    // This batch is refused (its callers cut their files back); the next goes on.
+                    tracing::warn!(error = %e, "the disk is full: appends refused");
+                    let (after, through) = (state.durable, first + batch.len() as u64);
+                    state.refused.push(Refusal {
+                        after,
+                        through,
+                        waiting: through - after,
+                        kind: e.kind(),
+                        message: format!("the disk is full: {e}"),
+                    });
+                    state.durable = through;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the store's journal cannot be written");
+                    state.failure = Some(format!("the store's journal cannot be written: {e}"));
+                }
             }
             shared.progress.notify_all();
         }
@@ -537,6 +621,7 @@ impl Writer {
             return (0, Err(io::Error::other("the store is closed")));
         }
         self.buffer.clear();
+        self.pad();
         let (mut framed, mut flushed) = (0, 0);
         for entry in batch {
             let len = FRAME_LEN + entry.encoded_len();
@@ -561,10 +646,30 @@ impl Writer {
         }
     }
 
+    /// After a refused write, a padding record over what it may have left, first in the
+    /// buffer: exactly as long, so that whatever follows starts past it. (Less than a record's
+    /// length cannot hold a record, and needs none.)
+    fn pad(&mut self) {
+        let gap = self.dirty_until.saturating_sub(self.position);
+        if gap < MIN_RECORD {
+            return;
+        }
+        self.buffer.extend([0; FRAME_LEN]);
+        self.buffer.push(PAD);
+        self.buffer
+            .resize(usize::try_from(gap).unwrap_or(usize::MAX), 0);
+        self.seal(0);
+    }
+
     fn frame(&mut self, entry: &Entry) {
         let start = self.buffer.len();
         self.buffer.extend([0; FRAME_LEN]);
         entry.encode_into(&mut self.buffer);
+        self.seal(start);
+    }
+
+    /// Fills in the frame of the record that starts at `start` and ends the buffer.
+    fn seal(&mut self, start: usize) {
         let generation = self.generation.to_le_bytes();
         let payload = &self.buffer[start + FRAME_LEN..];
         let len = u32::try_from(payload.len())
@@ -583,8 +688,12 @@ impl Writer {
             return Ok(());
         }
         let segment = &shared.segments[self.active];
-        segment.write_all_at(&self.buffer, self.position)?;
-        segment.sync_data()?;
+        if let Err(e) = segment.write_all_at(&self.buffer, self.position) {
+            let end = self.position + self.buffer.len() as u64;
+            self.dirty_until = self.dirty_until.max(end);
+            return Err(e);
+        }
+        segment.sync_data().map_err(fatal)?;
         self.position += self.buffer.len() as u64;
         self.buffer.clear();
         Ok(())
@@ -608,9 +717,11 @@ impl Writer {
             generation: self.generation,
             live: true,
         }
-        .write(&shared.segments[next])?;
+        .write(&shared.segments[next])
+        .map_err(fatal)?;
         let full = mem::replace(&mut self.active, next);
         self.position = HEADER_LEN;
+        self.dirty_until = 0;
         let touched = mem::take(&mut self.touched);
         let mut state = lock(&shared.state);
         state.clean[next] = false;
@@ -857,5 +968,128 @@ mod tests {
         assert!(committed > 0);
         assert!(journal.commit(write("conv_a", 0, "late")).is_err());
         assert!(recover(dir.path()).unwrap().entries.is_empty());
+    }
+
+    /// A small tmpfs, unmounted when dropped: a disk that really fills up. Mounting needs
+    /// root, which CI has: a failure to mount fails the test, it is not skipped.
+    struct SmallDisk(tempfile::TempDir);
+
+    impl SmallDisk {
+        fn mount() -> SmallDisk {
+            let dir = tempfile::tempdir().unwrap();
+            let output = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+                .arg(dir.path())
+                .output()
+                .expect("cannot run `mount`");
+            assert!(
+                output.status.success(),
+                "this test mounts a small tmpfs and needs root to do so (CI runs as root): {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+            SmallDisk(dir)
+        }
+
+        fn path(&self) -> &Path {
+            self.0.path()
+        }
+
+        /// Takes every free block; returns the file that holds them.
+        fn fill(&self) -> PathBuf {
+            use std::io::Write;
+            let path = self.path().join("filler");
+            let mut file = File::create(&path).unwrap();
+            let chunk = vec![0; 64 << 10];
+            loop {
+                match file.write(&chunk) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if is_storage_full(&e) => break,
+                    Err(e) => panic!("filling the disk: {e}"),
+                }
+            }
+            path
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    /// Segments of the right size without blocks (as on a copy-on-write filesystem, writing a
+    /// record needs new ones), then the journal over them.
+    fn start_sparse(dir: &Path, segment_bytes: u64) -> Journal {
+        for index in 0..SEGMENTS {
+            File::create(segment_path(dir, index))
+                .unwrap()
+                .set_len(segment_bytes)
+                .unwrap();
+        }
+        start(dir, segment_bytes, no_files())
+    }
+
+    #[test]
+    fn a_full_disk_refuses_the_append_and_the_journal_goes_on_once_there_is_room() {
+        let disk = SmallDisk::mount();
+        let journal = start_sparse(disk.path(), HEADER_LEN * 8);
+        let first = write("conv_a", 0, "first\n");
+        journal.commit(first.clone()).unwrap();
+
+        let filler = disk.fill();
+        let line = "x".repeat(6000); // needs a block the disk no longer has
+        let refused = journal.commit(write("conv_a", 6, &line)).unwrap_err();
+        assert!(is_storage_full(&refused), "{refused}");
+        assert!(refused.to_string().contains("disk is full"), "{refused}");
+        assert_eq!(
+            journal.failure(),
+            None,
+            "a full disk does not stop the journal"
+        );
+
+        std::fs::remove_file(filler).unwrap();
+        let next = write("conv_a", 6, &line);
+        journal.commit(next.clone()).unwrap();
+        crash(journal);
+        assert_eq!(recover(disk.path()).unwrap().entries, [first, next]);
+    }
+
+    #[test]
+    fn whole_records_a_refused_write_left_behind_are_never_read_once_writing_goes_on() {
+        let disk = SmallDisk::mount();
+        let journal = start_sparse(disk.path(), HEADER_LEN * 8);
+        let first = write("conv_a", 0, "first\n");
+        journal.commit(first.clone()).unwrap();
+
+        // One batch of three: the first two fit in the block the first record already holds,
+        // the third needs a new one. The disk takes the first two whole, then is full.
+        let filler = disk.fill();
+        let (a, b, c) = (
+            write("conv_a", 6, &"a".repeat(500)),
+            write("conv_b", 0, &"b".repeat(500)),
+            write("conv_c", 0, &"c".repeat(5000)),
+        );
+        let (durable, written) =
+            lock(&journal.shared.writer).write(&journal.shared, &[a.clone(), b.clone(), c]);
+        assert_eq!(durable, 0);
+        assert!(written.as_ref().is_err_and(is_storage_full), "{written:?}");
+        // What a crash right now would find: refused, complete entries (as with a crash
+        // between a write and its acknowledgement); never a part of one.
+        assert_eq!(
+            recover(disk.path()).unwrap().entries,
+            [first.clone(), a, b.clone()]
+        );
+
+        // The next write is as long as `a`, so that `b` would follow it as a valid record if
+        // the refused bytes were not covered first.
+        std::fs::remove_file(filler).unwrap();
+        let next = write("conv_a", 6, &"n".repeat(500));
+        journal.commit(next.clone()).unwrap();
+        crash(journal);
+        assert_eq!(recover(disk.path()).unwrap().entries, [first, next]);
     }
 }

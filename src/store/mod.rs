@@ -41,6 +41,10 @@ pub enum StoreError {
     /// The storage cannot be reached or written right now; retrying later may succeed.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// The disk holding the data (or the user's quota on it) is full: nothing of the write was
+    /// kept, and retrying once space is freed succeeds. Local mode.
+    #[error("storage full: {0}")]
+    Full(String),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }

@@ -11,6 +11,7 @@ mod clients;
 mod cloud;
 mod conversations;
 mod core;
+mod disk_full;
 mod edges;
 mod fake_provider;
 mod health;

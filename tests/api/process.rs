@@ -2,10 +2,15 @@
 //! graceful stop, operator commands. (Crash safety is in reliability.rs.)
 
 use std::net::TcpListener;
+use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{Value, json};
 
-use crate::helpers::{ServerProcess, maestra_command};
+use crate::fake_provider::{COMPLETION_TOKENS, FakeProvider, PROMPT_TOKENS, Step};
+use crate::helpers::{
+    ServerProcess, TEST_LLM_API_KEY, TEST_MODEL, TEST_PRICE_INPUT, TEST_PRICE_OUTPUT, all_messages,
+    maestra_command,
+};
 
 /// `count` consecutive ports that are free right now.
 fn free_port_run(count: u16) -> u16 {
@@ -152,6 +157,91 @@ async fn sigterm_stops_the_server_cleanly_and_restarting_keeps_everything() {
     let server = ServerProcess::start(data.path(), &[]).await;
     let messages = crate::helpers::all_messages(&server.url(""), None, "conv_keep").await;
     assert_eq!(messages.len(), 6);
+}
+
+/// Waits for the server to exit without blocking this test's runtime (the fake provider runs
+/// on it), at most `limit`.
+async fn exit_of(server: &mut ServerProcess, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the server did not stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_waits_for_a_turn_whose_client_has_gone_and_its_reply_is_stored_and_priced() {
+    // Six pieces 400 ms apart: the model is still writing for ~2 s after the client leaves.
+    let reply = "the model is still writing when the server is told to stop";
+    let provider = FakeProvider::start(Step::SlowStream(
+        reply.to_owned(),
+        Duration::from_millis(400),
+    ))
+    .await;
+    let vars = [
+        ("MAESTRA_LLM_BASE_URL", provider.base_url.as_str()),
+        ("MAESTRA_LLM_MODEL", TEST_MODEL),
+        ("MAESTRA_LLM_API_KEY", TEST_LLM_API_KEY),
+        ("MAESTRA_LLM_PRICE_INPUT", TEST_PRICE_INPUT),
+        ("MAESTRA_LLM_PRICE_OUTPUT", TEST_PRICE_OUTPUT),
+        ("MAESTRA_LLM_REQUEST_TIMEOUT", "20"),
+    ];
+    let data = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::start(data.path(), &vars).await;
+
+    let client = reqwest::Client::new();
+    let mut response = client
+        .post(server.url("/api/maestra/core"))
+        .json(&json!({"user_id": "ana", "surface_id": "cli", "conversation_id": "conv_detached", "message": "Hello", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let first = response.chunk().await.unwrap().unwrap();
+    assert!(first.starts_with(b"event: delta"), "{first:?}");
+    drop(response); // the client goes away mid-stream...
+    drop(client);
+    server.signal("TERM"); // ...and the server is told to stop at once
+
+    let stopping = Instant::now();
+    let status = exit_of(&mut server, Duration::from_secs(35)).await;
+    assert!(status.success(), "{status}");
+    assert!(
+        stopping.elapsed() >= Duration::from_millis(1000),
+        "the server waited for the model to finish ({:?})",
+        stopping.elapsed()
+    );
+
+    let server = ServerProcess::start(data.path(), &vars).await;
+    let messages = all_messages(&server.url(""), None, "conv_detached").await;
+    assert_eq!(messages.len(), 2, "{messages:#?}");
+    assert_eq!(messages[1]["role"], "assistant");
+    assert_eq!(messages[1]["content"], reply);
+    let cost = messages[1]["usage"]["cost_usd"].as_f64().unwrap();
+    assert!(cost > 0.0, "the stored reply is priced: {messages:#?}");
+
+    // Priced in the ledger as any reply is, so `maestra usage` counts it.
+    let ledger = std::fs::read_to_string(data.path().join("maestra_metrics.jsonl")).unwrap();
+    let lines: Vec<Value> = ledger
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{ledger}");
+    assert_eq!(lines[0]["conversation_id"], "conv_detached");
+    assert_eq!(lines[0]["prompt_tokens"], PROMPT_TOKENS);
+    assert_eq!(lines[0]["completion_tokens"], COMPLETION_TOKENS);
+    assert_eq!(lines[0]["cost_usd"].as_f64().unwrap(), cost);
+    let usage = maestra_command(data.path(), &[])
+        .stdout(std::process::Stdio::piped())
+        .args(["usage", "--json"])
+        .output()
+        .unwrap();
+    assert!(usage.status.success());
+    let usage: Value = serde_json::from_slice(&usage.stdout).unwrap();
+    assert_eq!(usage["total"]["requests"], 1, "{usage}");
 }
 
 /// `maestra` with DATABASE_URL, capturing its output.
