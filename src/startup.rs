@@ -39,6 +39,9 @@ const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long in-flight requests, and turns whose clients have gone, may take to finish after
 /// SIGINT/SIGTERM (the service units wait 35 s: `service_unit::STOP_TIMEOUT_SECONDS`).
 const SHUTDOWN_GRACE_SECONDS: u64 = 30;
+/// Of that, how long the requests still in flight once the turns are done (reads, sync, the end
+/// of a stream to a slow client) may take.
+const REQUEST_GRACE_SECONDS: u64 = 5;
 
 pub struct Application {
     port: u16,
@@ -268,14 +271,13 @@ impl Application {
     }
 
     /// Serves until SIGINT/SIGTERM; then reports not ready for the drain period, stops
-    /// accepting, lets in-flight requests finish, and waits for the turns still running (those
-    /// whose clients have gone, waiting on the model provider) so that their replies are
-    /// stored: all of it within `SHUTDOWN_GRACE_SECONDS` of the stop.
-    pub async fn run_until_stopped(mut self) -> io::Result<()> {
+    /// accepting, waits for the turns still running (those whose clients have gone included,
+    /// waiting on the model provider) so that their replies are stored, and stops, letting
+    /// other in-flight requests finish: all of it within `SHUTDOWN_GRACE_SECONDS` of the drain.
+    pub async fn run_until_stopped(self) -> io::Result<()> {
         let handle = self.server.handle();
         let (draining, drain) = (Arc::clone(&self.draining), self.drain);
-        let stopping_since = Arc::new(std::sync::OnceLock::new());
-        let stop_began = Arc::clone(&stopping_since);
+        let turns = self.turns.clone();
         let on_signal = tokio::spawn(async move {
             if let Err(e) = shutdown_signal().await {
                 tracing::error!(error = %e, "cannot listen for shutdown signals");
@@ -284,17 +286,15 @@ impl Application {
             draining.store(true, Ordering::Relaxed);
             tracing::info!(drain_seconds = drain.as_secs(), "shutting down");
             tokio::time::sleep(drain).await;
-            let _ = stop_began.set(Instant::now());
-            handle.stop(true).await;
+            // The workers run the turns: they stay up until the turns are done.
+            handle.pause().await;
+            let deadline = Instant::now()
+                + Duration::from_secs(SHUTDOWN_GRACE_SECONDS - REQUEST_GRACE_SECONDS);
+            let finished = finish_turns(&turns, deadline).await;
+            handle.stop(finished).await;
         });
-        let result = (&mut self.server).await;
+        let result = self.server.await;
         on_signal.abort();
-        let since = stopping_since.get().copied().unwrap_or_else(Instant::now);
-        finish_turns(
-            &self.turns,
-            since + Duration::from_secs(SHUTDOWN_GRACE_SECONDS),
-        )
-        .await;
         if let Some(authenticator) = &self.authenticator {
             authenticator.flush_last_used().await;
         }
@@ -311,20 +311,23 @@ impl Application {
     }
 }
 
-/// Waits (until `deadline`) for the turns still running: their replies are stored before the
-/// store closes. A turn still waiting at the deadline keeps the user's message only.
-async fn finish_turns(turns: &Turns, deadline: Instant) {
+/// Waits (until `deadline`) for the turns still running, so that their replies are stored
+/// before the workers stop; says whether they all ended. A turn still waiting at the deadline
+/// keeps the user's message only.
+async fn finish_turns(turns: &Turns, deadline: Instant) -> bool {
     let running = turns.running();
     if running == 0 {
-        return;
+        return true;
     }
     tracing::info!(turns = running, "waiting for turns still running");
-    if !turns.wait_until_idle(deadline).await {
+    let finished = turns.wait_until_idle(deadline).await;
+    if !finished {
         tracing::warn!(
             turns = turns.running(),
             "stopping with turns unfinished: their users' messages are stored, their replies are not"
         );
     }
+    finished
 }
 
 /// SIGTERM (container platforms, systemd, launchd) or SIGINT (Ctrl-C).
@@ -354,7 +357,7 @@ fn app_state(
         body_timeout: settings.body_timeout,
         sync,
         rate_limiter,
-        turns: Turns::on_current_runtime(),
+        turns: Turns::default(),
     })
 }
 
@@ -403,7 +406,7 @@ fn serve(
         // A client has this long to send its request head (slowloris headers are cut off).
         api::head_deadline::watch(connection, data, CLIENT_REQUEST_TIMEOUT);
     })
-    .shutdown_timeout(SHUTDOWN_GRACE_SECONDS)
+    .shutdown_timeout(REQUEST_GRACE_SECONDS)
     // A backstop only: this timer's 408 has no body (head_deadline's has the JSON envelope).
     .client_request_timeout(CLIENT_REQUEST_TIMEOUT * 2)
     // Signals are handled in run_until_stopped, to drain before stopping.

@@ -1,25 +1,23 @@
 //! Conversation turns in flight. A turn runs to its end even when its client has gone (its reply
-//! is stored and priced, for the other surfaces to see), so it cannot live on the HTTP worker
-//! that received the request: actix stops its workers, and drops what they run, as soon as
-//! their connections are closed. Turns run on the server's own runtime instead, and are
-//! counted, so that a stop can wait for those still waiting on the model provider.
+//! is stored and priced, for the other surfaces to see), so it runs in a task of its own on the
+//! HTTP worker that received it, and is counted: at a stop the server first stops accepting,
+//! then waits for the turns still running (those waiting on the model provider) while the
+//! workers are still up, and only then stops them (actix drops what a stopped worker runs).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use tokio::runtime::Handle;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Turns {
     inner: Arc<Inner>,
 }
 
+#[derive(Default)]
 struct Inner {
-    /// The runtime that outlives the HTTP workers (the one `Application` was built in).
-    runtime: Handle,
     running: AtomicUsize,
     /// Woken when the last running turn ends.
     idle: Notify,
@@ -37,18 +35,7 @@ impl Drop for Running {
 }
 
 impl Turns {
-    /// Turns that will run on the current runtime. Must be called within one.
-    pub fn on_current_runtime() -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                runtime: Handle::current(),
-                running: AtomicUsize::new(0),
-                idle: Notify::new(),
-            }),
-        }
-    }
-
-    /// Runs `work` to its end on the server's runtime, counted until it ends.
+    /// Runs `work` to its end in a task on the current runtime, counted until it ends.
     pub fn spawn<F>(&self, work: F) -> JoinHandle<F::Output>
     where
         F: Future + Send + 'static,
@@ -56,7 +43,7 @@ impl Turns {
     {
         self.inner.running.fetch_add(1, Ordering::AcqRel);
         let running = Running(Arc::clone(&self.inner));
-        self.inner.runtime.spawn(async move {
+        tokio::spawn(async move {
             let _running = running;
             work.await
         })
@@ -95,7 +82,7 @@ mod tests {
 
     #[tokio::test]
     async fn waiting_ends_when_the_last_turn_ends() {
-        let turns = Turns::on_current_runtime();
+        let turns = Turns::default();
         for ms in [20, 60] {
             turns.spawn(tokio::time::sleep(Duration::from_millis(ms)));
         }
@@ -112,7 +99,7 @@ mod tests {
 
     #[tokio::test]
     async fn waiting_gives_up_at_the_deadline() {
-        let turns = Turns::on_current_runtime();
+        let turns = Turns::default();
         let slow = turns.spawn(tokio::time::sleep(Duration::from_secs(30)));
         let idle = turns
             .wait_until_idle(Instant::now() + Duration::from_millis(50))
