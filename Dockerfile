@@ -43,6 +43,8 @@ RUN groupadd --system --gid 10001 maestra \
 COPY --from=build /src/target/release/maestra /usr/local/bin/maestra
 # The binary embeds its migrations; the folder is here for operators to read.
 COPY --from=build /src/migrations /app/migrations
+# The licence the binary is distributed under (GPL-3.0-or-later) travels with it.
+COPY --from=build /src/LICENSE /usr/share/doc/maestra/LICENSE
 WORKDIR /app
 
 ENV MAESTRA_MODE=cloud \

@@ -51,9 +51,9 @@ struct ApiDoc;
 
 /// The document as this server serves it: cloud mode's routes require a key, local mode's none.
 pub fn document(mode: Mode) -> Document {
+    // info.license comes from Cargo.toml's `license` (utoipa): GPL-3.0-or-later, as an SPDX
+    // identifier.
     let mut document = ApiDoc::openapi();
-    // utoipa fills the license from Cargo.toml, which names none: an empty name is not valid.
-    document.info.license = None;
     // Each mode serves its own side of sync.
     let other_side: &[&str] = match mode {
         Mode::Local => &["/api/maestra/sync/push", "/api/maestra/sync/pull"],

@@ -19,6 +19,11 @@ impl Contract {
         assert!(response.headers().contains_key("x-request-id"));
         let document: Value = response.json().await.unwrap();
         assert_eq!(document["openapi"], "3.1.0");
+        // The licence the binary is distributed under (Cargo.toml, LICENSE).
+        assert_eq!(
+            document["info"]["license"],
+            json!({"name": "GPL-3.0-or-later", "identifier": "GPL-3.0-or-later"})
+        );
         Contract { document }
     }
 

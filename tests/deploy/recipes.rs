@@ -98,6 +98,10 @@ fn the_dockerfile_builds_with_the_locked_release_build_and_runs_slim_as_non_root
         has(runtime, "COPY", "migrations"),
         "migrations in the image"
     );
+    assert!(
+        has(runtime, "COPY", "/src/LICENSE "),
+        "the GPL text beside the binary it covers"
+    );
     assert!(has(runtime, "ENV", "MAESTRA_MODE=cloud"));
     assert!(has(runtime, "EXPOSE", "8000"));
     assert!(has(runtime, "HEALTHCHECK", "/health"));
@@ -139,6 +143,7 @@ fn the_docker_context_leaves_out_build_output_and_git() {
         "Cargo.lock",
         "benches",
         "migrations",
+        "LICENSE",
     ] {
         assert!(
             !entries.iter().any(|e| e.trim_end_matches('/') == kept),
