@@ -35,6 +35,14 @@ pub fn link(data_dir: &std::path::Path, cloud_url: &str, key: &str) {
     .unwrap();
 }
 
+/// A local server linked to the cloud through a proxy the test can cut.
+async fn linked_through_proxy(cloud: &CloudApp, vars: &[(&str, &str)]) -> (TcpProxy, TestApp) {
+    let proxy = TcpProxy::start(cloud.app.address.trim_start_matches("http://")).await;
+    let through_proxy = format!("http://127.0.0.1:{}", proxy.port);
+    let local = linked_local(&through_proxy, &cloud.api_key, vars).await;
+    (proxy, local)
+}
+
 /// Asks the local server for a round now; its status after it.
 pub async fn sync_now(local: &TestApp) -> Value {
     let response = local
@@ -307,9 +315,7 @@ async fn turns_made_on_both_sides_while_apart_converge_once_and_in_one_order(
 ) {
     let cloud = spawn_cloud_app(&db, &[]).await;
     let key = cloud.api_key.clone();
-    let proxy = TcpProxy::start(cloud.app.address.trim_start_matches("http://")).await;
-    let through_proxy = format!("http://127.0.0.1:{}", proxy.port);
-    let local = linked_local(&through_proxy, &key, &[]).await;
+    let (proxy, local) = linked_through_proxy(&cloud, &[]).await;
     say(&local.address, None, "conv_shared", "before the cut").await;
     synced(&local).await;
 
@@ -433,9 +439,7 @@ async fn a_cloud_that_comes_back_is_caught_up_within_the_interval_unasked(
 ) {
     let cloud = spawn_cloud_app(&db, &[]).await;
     let key = cloud.api_key.clone();
-    let proxy = TcpProxy::start(cloud.app.address.trim_start_matches("http://")).await;
-    let through_proxy = format!("http://127.0.0.1:{}", proxy.port);
-    let local = linked_local(&through_proxy, &key, &[("MAESTRA_SYNC_INTERVAL", "2")]).await;
+    let (proxy, local) = linked_through_proxy(&cloud, &[("MAESTRA_SYNC_INTERVAL", "2")]).await;
     synced(&local).await;
     proxy.cut();
     say(&local.address, None, "conv_away", "while the cloud is away").await;
@@ -475,8 +479,7 @@ async fn deletions_made_while_apart_reach_the_other_side_and_never_come_back(
 ) {
     let cloud = spawn_cloud_app(&db, &[]).await;
     let key = cloud.api_key.clone();
-    let proxy = TcpProxy::start(cloud.app.address.trim_start_matches("http://")).await;
-    let local = linked_local(&format!("http://127.0.0.1:{}", proxy.port), &key, &[]).await;
+    let (proxy, local) = linked_through_proxy(&cloud, &[]).await;
     for conversation in ["conv_gone_here", "conv_gone_there", "conv_kept"] {
         say(&local.address, None, conversation, "hello").await;
     }
@@ -550,8 +553,7 @@ async fn a_turn_retried_on_the_cloud_with_the_same_idempotency_key_exists_once_o
 ) {
     let cloud = spawn_cloud_app(&db, &[]).await;
     let key = cloud.api_key.clone();
-    let proxy = TcpProxy::start(cloud.app.address.trim_start_matches("http://")).await;
-    let local = linked_local(&format!("http://127.0.0.1:{}", proxy.port), &key, &[]).await;
+    let (proxy, local) = linked_through_proxy(&cloud, &[]).await;
     let client = reqwest::Client::new();
     let body = json!({"user_id": "ana", "surface_id": "cli", "message": "Once, please"});
     let post = async |base: &str, api_key: Option<&str>, idempotency: &str| {
