@@ -72,7 +72,7 @@ row() {
     s1=$(cpu_seconds "$pid")
     server_cpu=$(ms_per_turn "$s0" "$s1")
     read -r rss per_turn < <(awk -v h="$(peak_rss_mb "$pid")" -v i="$idle" -v n="$INFLIGHT" \
-      'BEGIN { printf "%.1f %.1f", h - i, (h - i) * 1024 / n }')
+      'BEGIN { printf "%.1f %.1f\n", h - i, (h - i) * 1024 / n }')
   fi
   printf '%s\t%s\t%s\t%s\t%s\n' "$r" "$rss" "$per_turn" "$server_cpu" "$(ms_per_turn "$p0" "$p1")"
   local key=${name//[^A-Za-z0-9_]/_}
