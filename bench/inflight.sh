@@ -6,7 +6,8 @@
 # all) against the provider directly (the baseline, same run) and through maestra's core
 # endpoint, plain and streamed (Accept: text/event-stream), a fresh maestra per scenario so that
 # its peak RSS (VmHWM) is the scenario's own; its idle RSS (after a small warm-up) is taken
-# off. CPU seconds per turn: maestra's and the provider's (/proc/<pid>/stat, before and after).
+# off. CPU seconds per turn: maestra's and the provider's (/proc/<pid>/stat, before and after),
+# in cloud mode also every postgres process's on the machine (shared: others' work counts).
 #   bench/inflight.sh                                  # 1000 in flight, local mode
 #   INFLIGHT=2000 TURNS=10000 MODES="local cloud" bench/inflight.sh
 #   DELAY_MS=200 CHUNKS=21 INTERVAL_MS=50 bench/inflight.sh
@@ -59,22 +60,26 @@ ms_per_turn() { # cpu seconds before, after
 # row NAME PID|- [oha arguments...]: one scenario; PID is maestra's (- for the baseline).
 row() {
   local name=$1 pid=$2 idle="" p0 p1 s0="" s1 r server_cpu="-" rss="-" per_turn="-"
+  local g0="" pg_cpu="-"
   shift 2
   if [ "$pid" != - ]; then
     idle=$(rss_mb "$pid")
     s0=$(cpu_seconds "$pid")
   fi
   p0=$(cpu_seconds "$provider_pid")
+  if [ "$mode" = cloud ]; then g0=$(postgres_cpu_seconds); fi
   # -t: a turn that hangs is an error after 60 s, so the run stays bounded in time.
   r=$(oha_run "$name" -n "$TURNS" -c "$INFLIGHT" -t 60s "$@")
   p1=$(cpu_seconds "$provider_pid")
+  if [ -n "$g0" ]; then pg_cpu=$(ms_per_turn "$g0" "$(postgres_cpu_seconds)"); fi
   if [ "$pid" != - ]; then
     s1=$(cpu_seconds "$pid")
     server_cpu=$(ms_per_turn "$s0" "$s1")
     read -r rss per_turn < <(awk -v h="$(peak_rss_mb "$pid")" -v i="$idle" -v n="$INFLIGHT" \
       'BEGIN { printf "%.1f %.1f\n", h - i, (h - i) * 1024 / n }')
   fi
-  printf '%s\t%s\t%s\t%s\t%s\n' "$r" "$rss" "$per_turn" "$server_cpu" "$(ms_per_turn "$p0" "$p1")"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$rss" "$per_turn" "$server_cpu" \
+    "$(ms_per_turn "$p0" "$p1")" "$pg_cpu"
   local key=${name//[^A-Za-z0-9_]/_}
   bench_result "inflight_${key}_rps" "$(col 2 "$r")"
   bench_result "inflight_${key}_p99_ms" "$(col 4 "$r")"
@@ -108,7 +113,8 @@ fresh() {
 bench_header "maestra turns-in-flight benchmark ($INFLIGHT in flight, $TURNS turns per scenario)"
 echo "(slow fake provider: first byte after ${DELAY_MS} ms, $CHUNKS chunks ${INTERVAL_MS} ms apart;" \
   "provider, maestra and oha share the machine)"
-printf 'scenario\tturns/s\tp50 ms\tp99 ms\terrors\tRSS +MB\tKB/turn in flight\tmaestra CPU ms/turn\tprovider CPU ms/turn\n'
+printf 'scenario\tturns/s\tp50 ms\tp99 ms\terrors\tRSS +MB\tKB/turn in flight\tmaestra CPU ms/turn\tprovider CPU ms/turn\tpostgres CPU ms/turn\n'
+mode=direct
 row "direct plain" - -m POST -H 'Content-Type: application/json' -d "$(direct_body false)" \
   "$provider/v1/chat/completions"
 row "direct streamed" - -m POST -H 'Content-Type: application/json' \
