@@ -53,6 +53,13 @@ direct_body() { # stream: true|false
     "$1" "$extra"
 }
 
+# The machine's TCP accept-queue drops so far (ListenDrops: a full listen backlog; the client's
+# SYN is then retried after ~1 s, which shows as a p99 of a turn plus a second).
+listen_drops() {
+  awk '/^TcpExt:/ { if (!h) { for (i = 1; i <= NF; i++) k[i] = $i; h = 1 } else
+    for (i = 1; i <= NF; i++) if (k[i] == "ListenDrops") print $i }' /proc/net/netstat
+}
+
 ms_per_turn() { # cpu seconds before, after
   awk -v a="$1" -v b="$2" -v n="$TURNS" 'BEGIN { printf "%.3f", (b - a) * 1e3 / n }'
 }
@@ -60,13 +67,14 @@ ms_per_turn() { # cpu seconds before, after
 # row NAME PID|- [oha arguments...]: one scenario; PID is maestra's (- for the baseline).
 row() {
   local name=$1 pid=$2 idle="" p0 p1 s0="" s1 r server_cpu="-" rss="-" per_turn="-"
-  local g0="" pg_cpu="-"
+  local g0="" pg_cpu="-" l0
   shift 2
   if [ "$pid" != - ]; then
     idle=$(rss_mb "$pid")
     s0=$(cpu_seconds "$pid")
   fi
   p0=$(cpu_seconds "$provider_pid")
+  l0=$(listen_drops)
   if [ "$mode" = cloud ]; then g0=$(postgres_cpu_seconds); fi
   # -t: a turn that hangs is an error after 60 s, so the run stays bounded in time.
   r=$(oha_run "$name" -n "$TURNS" -c "$INFLIGHT" -t 60s "$@")
@@ -78,8 +86,8 @@ row() {
     read -r rss per_turn < <(awk -v h="$(peak_rss_mb "$pid")" -v i="$idle" -v n="$INFLIGHT" \
       'BEGIN { printf "%.1f %.1f\n", h - i, (h - i) * 1024 / n }')
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$rss" "$per_turn" "$server_cpu" \
-    "$(ms_per_turn "$p0" "$p1")" "$pg_cpu"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$r" "$rss" "$per_turn" "$server_cpu" \
+    "$(ms_per_turn "$p0" "$p1")" "$pg_cpu" "$(($(listen_drops) - l0))"
   local key=${name//[^A-Za-z0-9_]/_}
   bench_result "inflight_${key}_rps" "$(col 2 "$r")"
   bench_result "inflight_${key}_p99_ms" "$(col 4 "$r")"
@@ -113,7 +121,7 @@ fresh() {
 bench_header "maestra turns-in-flight benchmark ($INFLIGHT in flight, $TURNS turns per scenario)"
 echo "(slow fake provider: first byte after ${DELAY_MS} ms, $CHUNKS chunks ${INTERVAL_MS} ms apart;" \
   "provider, maestra and oha share the machine)"
-printf 'scenario\tturns/s\tp50 ms\tp99 ms\terrors\tRSS +MB\tKB/turn in flight\tmaestra CPU ms/turn\tprovider CPU ms/turn\tpostgres CPU ms/turn\n'
+printf 'scenario\tturns/s\tp50 ms\tp99 ms\terrors\tRSS +MB\tKB/turn in flight\tmaestra CPU ms/turn\tprovider CPU ms/turn\tpostgres CPU ms/turn\tlisten drops\n'
 mode=direct
 row "direct plain" - -m POST -H 'Content-Type: application/json' -d "$(direct_body false)" \
   "$provider/v1/chat/completions"
