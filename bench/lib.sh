@@ -12,7 +12,11 @@ cd "$BENCH_ROOT" || exit 1
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-32}
 ADMIN_URL=${ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
-MAESTRA=$BENCH_ROOT/target/release/maestra
+# The build's target folder: cargo's (CARGO_TARGET_DIR when set, relative to the repository as
+# cargo reads it from here), so that the binaries run are the ones just built.
+BENCH_TARGET=${CARGO_TARGET_DIR:-target}
+case $BENCH_TARGET in /*) ;; *) BENCH_TARGET=$BENCH_ROOT/$BENCH_TARGET ;; esac
+MAESTRA=$BENCH_TARGET/release/maestra
 
 bench_pids=()
 bench_dbs=()
@@ -100,7 +104,7 @@ start_cloud() {
 # start_fake_provider: the fast fake OpenAI-compatible provider (examples/fake_provider.rs), one
 # worker; sets provider (its base URL).
 start_fake_provider() {
-  "$BENCH_ROOT/target/release/examples/fake_provider" 0 1 >"$bench_work/fake.port" &
+  "$BENCH_TARGET/release/examples/fake_provider" 0 1 >"$bench_work/fake.port" &
   bench_pids+=($!)
   local _
   for _ in $(seq 100); do [ -s "$bench_work/fake.port" ] && break; sleep 0.1; done
@@ -110,7 +114,7 @@ start_fake_provider() {
 
 # start_hello: the actix-web hello world (examples/hello.rs); sets server_pid and server_url.
 start_hello() {
-  "$BENCH_ROOT/target/release/examples/hello" 0 >"$bench_work/hello.port" &
+  "$BENCH_TARGET/release/examples/hello" 0 >"$bench_work/hello.port" &
   server_pid=$!
   bench_pids+=("$server_pid")
   local _
