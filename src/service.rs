@@ -14,8 +14,8 @@ use crate::domain::{
 use crate::idempotency::{Begin, IdempotencyKey, IdempotencyStore};
 use crate::metrics::Metrics;
 use crate::responder::{Deltas, Prompt, Reply, Responder, ResponderError};
-use crate::store::{ConversationStore, Owner, StoreError};
-use crate::usage_log::{UsageLog, UsageRecord};
+use crate::store::{ConversationStore, Owner, Priced, StoreError};
+use crate::usage_log::UsageRecord;
 
 /// The surface recorded in the ledger for the legacy advisor's one-off questions.
 pub const ADVISOR_SURFACE: &str = "advisor";
@@ -82,7 +82,6 @@ pub struct Answer {
 pub struct ConversationService {
     store: Arc<dyn ConversationStore>,
     responder: Arc<dyn Responder>,
-    usage_log: Option<UsageLog>,
     history_messages: usize,
     history_chars: usize,
     metrics: Arc<Metrics>,
@@ -93,7 +92,6 @@ impl ConversationService {
     pub fn new(
         store: Arc<dyn ConversationStore>,
         responder: Arc<dyn Responder>,
-        usage_log: Option<UsageLog>,
         history_messages: usize,
         metrics: Arc<Metrics>,
         idempotency: Arc<dyn IdempotencyStore>,
@@ -101,7 +99,6 @@ impl ConversationService {
         Self {
             store,
             responder,
-            usage_log,
             history_messages,
             history_chars: DEFAULT_HISTORY_CHARS,
             metrics,
@@ -267,9 +264,15 @@ impl ConversationService {
         )
         .with_id(ids.map(|ids| ids.reply))
         .written_by(turn.api_key_id.clone());
+        let priced = Priced {
+            request_id: turn.request_id.clone(),
+            user_id: turn.owner.user_id.clone(),
+            surface_id: turn.surface_id.as_str().to_owned(),
+            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+        };
         let stored = self
             .store
-            .append_once(&turn.owner, &conversation_id, assistant)
+            .append_reply(&turn.owner, &conversation_id, assistant, priced)
             .await
             .map_err(|source| TurnError::ReplyNotStored {
                 source,
@@ -286,21 +289,6 @@ impl ConversationService {
         }
         let answer = stored.message;
         let model = answer.model.clone().unwrap_or_default();
-
-        if let Some(log) = &self.usage_log {
-            log.record(&UsageRecord {
-                ts: answer.created_at,
-                request_id: &turn.request_id,
-                conversation_id: Some(&conversation_id),
-                user_id: &turn.owner.user_id,
-                surface_id: turn.surface_id.as_str(),
-                model: &model,
-                latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-                prompt_tokens: reply.usage.prompt_tokens,
-                completion_tokens: reply.usage.completion_tokens,
-                cost_usd: reply.usage.cost_usd,
-            });
-        }
 
         Ok(TurnOutcome {
             reply: answer.content,
@@ -330,8 +318,9 @@ impl ConversationService {
         let (reply, provider_ms) = self.reply(prompt, None, &question.tenant).await;
         let reply = reply?;
         let created_at = Utc::now();
-        if let Some(log) = &self.usage_log {
-            log.record(&UsageRecord {
+        let recorded = self
+            .store
+            .record_cost(&UsageRecord {
                 ts: created_at,
                 request_id: &question.request_id,
                 conversation_id: None,
@@ -342,7 +331,11 @@ impl ConversationService {
                 prompt_tokens: reply.usage.prompt_tokens,
                 completion_tokens: reply.usage.completion_tokens,
                 cost_usd: reply.usage.cost_usd,
-            });
+            })
+            .await;
+        if let Err(e) = recorded {
+            // Nothing else of the question is kept: its answer still reaches the user.
+            tracing::error!(error = %e, "cannot append to the usage ledger");
         }
         Ok(Answer {
             answer: reply.text,

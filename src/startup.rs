@@ -30,7 +30,6 @@ use crate::service::ConversationService;
 use crate::store::{FileStore, MeasuredStore, PgStore, create_private_dir};
 use crate::sync::{CloudSync, LocalSync, SyncSide};
 use crate::turns::Turns;
-use crate::usage_log::UsageLog;
 
 /// The tenant of every local-mode conversation.
 pub const LOCAL_TENANT: &str = "local";
@@ -112,14 +111,12 @@ impl Application {
             &data_dir.join("journal"),
             settings.history_messages,
         )?;
-        let usage_log = UsageLog::open(&data_dir.join("maestra_metrics.jsonl"))?;
         let service = ConversationService::new(
             Arc::new(MeasuredStore::new(
                 Arc::new(store.clone()),
                 Arc::clone(&metrics),
             )),
             responder::from_settings(&settings.llm)?,
-            Some(usage_log),
             settings.history_messages,
             Arc::clone(&metrics),
             Arc::new(FileIdempotency::open(data_dir.join("idempotency"))?),
@@ -220,7 +217,6 @@ impl Application {
                 Arc::clone(&metrics),
             )),
             responder::from_settings(&settings.llm)?,
-            None,
             settings.history_messages,
             Arc::clone(&metrics),
             Arc::new(idempotency.clone()),

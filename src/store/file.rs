@@ -25,9 +25,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::deletions::{Deletion, Deletions};
-use super::journal::{self, Entry, Journal};
-use super::{Appended, ConversationStore, ConversationSummary, Owner, StoreError};
+use super::journal::{self, Entry, Files, Journal};
+use super::{Appended, ConversationStore, ConversationSummary, Owner, Priced, StoreError};
 use crate::domain::{ConversationId, Message, NewMessage, UserId, next_created_at};
+use crate::usage_log::{self, LEDGER_FILE, UsageRecord};
 
 const FILE_EXTENSION: &str = "json";
 /// Open conversations kept in memory (each holds a file descriptor); idle ones beyond this are
@@ -37,6 +38,9 @@ const MAX_OPEN: usize = 128;
 /// whether there is room again: about a message of the largest size, however escaped.
 const PROBE_BYTES: usize = 256 << 10;
 const PROBE_FILE: &str = ".space-probe";
+/// The journal's names for files that are not conversations: no conversation id has a `~`.
+const LEDGER: &str = "~ledger";
+const IDEMPOTENCY: &str = "~idempotency/";
 
 #[derive(Clone)]
 pub struct FileStore {
@@ -49,6 +53,7 @@ struct Inner {
     keep_recent: usize,
     open: Mutex<HashMap<ConversationId, Arc<Mutex<Option<OpenConversation>>>>>,
     journal: Journal,
+    files: Arc<StoreFiles>,
     deletions: Deletions,
     /// Conversations written here since sync last asked (see `FileStore::take_changed`).
     changed: Mutex<HashSet<ConversationId>>,
@@ -160,20 +165,21 @@ impl FileStore {
         let dir = dir.into();
         create_private_dir(&dir)?;
         create_private_dir(journal_dir)?;
+        let files = Arc::new(StoreFiles::new(&dir)?);
         // Their entries in the data folder, made durable once (they may have just been made).
         for parent in [dir.parent(), journal_dir.parent()].into_iter().flatten() {
             sync_dir(parent)?;
         }
         let recovered = journal::recover(journal_dir)
             .with_context(|| format!("cannot read the journal in {}", journal_dir.display()))?;
-        apply_recovered(&dir, &recovered.entries)
+        files
+            .apply_recovered(&recovered.entries)
             .with_context(|| format!("cannot apply the journal to {}", dir.display()))?;
-        let checkpoint_dir = dir.clone();
         let journal = Journal::start(
             journal_dir,
             segment_bytes,
             &recovered,
-            Arc::new(move |touched: &HashSet<String>| flush_files(&checkpoint_dir, touched)),
+            Arc::clone(&files) as Arc<dyn Files>,
         )
         .with_context(|| format!("cannot start the journal in {}", journal_dir.display()))?;
         let deletions = Deletions::open(&dir)
@@ -184,6 +190,7 @@ impl FileStore {
                 keep_recent: keep_recent.max(1),
                 open: Mutex::new(HashMap::new()),
                 journal,
+                files,
                 deletions,
                 changed: Mutex::new(HashSet::new()),
                 change: tokio::sync::Notify::new(),
@@ -343,6 +350,25 @@ impl FileStore {
     }
 
     /// Runs blocking file work off the async executor.
+    /// `append_once`, with the reply's ledger line when it is `priced`.
+    async fn append_priced(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        message: NewMessage,
+        priced: Option<Priced>,
+    ) -> Result<Appended, StoreError> {
+        let (owner, conversation) = (owner.clone(), conversation.clone());
+        let appended = self
+            .blocking(move |inner| inner.append_once(&owner, &conversation, message, priced))
+            .await;
+        let appended = self.noted(appended)?;
+        if !appended.existed {
+            self.inner.change.notify_one();
+        }
+        Ok(appended)
+    }
+
     async fn blocking<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -363,15 +389,26 @@ impl ConversationStore for FileStore {
         conversation: &ConversationId,
         message: NewMessage,
     ) -> Result<Appended, StoreError> {
-        let (owner, conversation) = (owner.clone(), conversation.clone());
-        let appended = self
-            .blocking(move |inner| inner.append_once(&owner, &conversation, message))
+        self.append_priced(owner, conversation, message, None).await
+    }
+
+    async fn append_reply(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        reply: NewMessage,
+        priced: Priced,
+    ) -> Result<Appended, StoreError> {
+        self.append_priced(owner, conversation, reply, Some(priced))
+            .await
+    }
+
+    async fn record_cost(&self, record: &UsageRecord<'_>) -> Result<(), StoreError> {
+        let line = ledger_entry(record)?;
+        let result = self
+            .blocking(move |inner| Ok(inner.journal.commit(line)?))
             .await;
-        let appended = self.noted(appended)?;
-        if !appended.existed {
-            self.inner.change.notify_one();
-        }
-        Ok(appended)
+        self.noted(result)
     }
 
     async fn find(
@@ -494,32 +531,46 @@ impl Inner {
         Ok(written?)
     }
 
-    /// Appends `bytes` at `offset`, the end of the conversation's file, and makes them durable
-    /// through the journal (a write too large for one journal entry goes in pieces).
+    /// Appends `bytes` at `offset`, the end of the conversation's file, durably: room is made
+    /// in the file first (a full disk refuses it here, before anything is journaled), then the
+    /// journal takes the write and carries it out once it is durable. A write too large for
+    /// one journal entry goes in pieces; `with` (a reply's ledger line) goes in one record with
+    /// the last, so that it is durable exactly when the whole write is.
     fn write_durably(
         &self,
         conversation: &ConversationId,
-        file: &mut File,
+        file: &File,
         offset: u64,
         bytes: Vec<u8>,
+        with: Vec<Entry>,
     ) -> io::Result<()> {
-        file.write_all(&bytes)?;
-        let piece = self.journal.max_write(conversation.as_str());
-        if bytes.len() <= piece {
-            return self.journal.commit(Entry::Write {
-                conversation: conversation.as_str().to_owned(),
-                offset,
-                bytes,
-            });
-        }
-        let mut at = 0;
-        for chunk in bytes.chunks(piece) {
-            self.journal.commit(Entry::Write {
-                conversation: conversation.as_str().to_owned(),
-                offset: offset + at,
+        reserve(file, offset, bytes.len() as u64)?;
+        let name = conversation.as_str();
+        let piece = self
+            .journal
+            .max_write(name)
+            .saturating_sub(if with.is_empty() {
+                0
+            } else {
+                Journal::group_overhead(&with)
+            })
+            .max(1);
+        let pieces = bytes.len().div_ceil(piece);
+        let mut with = Some(with);
+        for (i, chunk) in bytes.chunks(piece).enumerate() {
+            let write = Entry::Write {
+                file: name.to_owned(),
+                offset: offset + (i * piece) as u64,
                 bytes: chunk.to_vec(),
-            })?;
-            at += chunk.len() as u64;
+            };
+            let entry = match with.take_if(|with| i + 1 == pieces && !with.is_empty()) {
+                Some(mut with) => {
+                    with.insert(0, write);
+                    Entry::Group(with)
+                }
+                None => write,
+            };
+            self.journal.commit(entry)?;
         }
         Ok(())
     }
@@ -567,7 +618,27 @@ impl Inner {
         owner: &Owner,
         conversation: &ConversationId,
         new: NewMessage,
+        priced: Option<Priced>,
     ) -> Result<Appended, StoreError> {
+        let ledger_line = |message: &Message| -> Result<Vec<Entry>, StoreError> {
+            let Some(priced) = &priced else {
+                return Ok(Vec::new());
+            };
+            let usage = message.usage.clone().unwrap_or_default();
+            let line = ledger_entry(&UsageRecord {
+                ts: message.created_at,
+                request_id: &priced.request_id,
+                conversation_id: Some(conversation),
+                user_id: &priced.user_id,
+                surface_id: &priced.surface_id,
+                model: message.model.as_deref().unwrap_or_default(),
+                latency_ms: priced.latency_ms,
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                cost_usd: usage.cost_usd,
+            })?;
+            Ok(vec![line])
+        };
         let appended = self.with_conversation(conversation, |slot| {
             let Some(open) = slot.as_mut() else {
                 let created_at = next_created_at(
@@ -576,7 +647,8 @@ impl Inner {
                         .map(|deletion| deletion.deleted_at),
                 );
                 let message = new.into_message(1, created_at);
-                *slot = Some(self.create(owner, conversation, vec![message.clone()])?);
+                let with = ledger_line(&message)?;
+                *slot = Some(self.create(owner, conversation, vec![message.clone()], with)?);
                 return Ok(Appended {
                     message,
                     existed: false,
@@ -595,7 +667,8 @@ impl Inner {
             }
             let message = new.into_message(open.next_seq, next_created_at(open.last_created_at));
             let line = encode(&Record::Message(message.clone()))?;
-            self.append_lines(conversation, slot, line)?;
+            let with = ledger_line(&message)?;
+            self.append_lines(conversation, slot, line, with)?;
             if let Some(open) = slot.as_mut() {
                 open.remember(message.clone(), self.keep_recent);
             }
@@ -610,19 +683,21 @@ impl Inner {
         Ok(appended)
     }
 
-    /// Appends whole lines at the end of the open conversation's file, durably. On failure the
-    /// partial write is cut off and the conversation is read again from disk next time.
+    /// Appends whole lines at the end of the open conversation's file, durably, with `with`
+    /// (see `write_durably`). On failure anything written is cut off and the conversation is
+    /// read again from disk next time.
     fn append_lines(
         &self,
         conversation: &ConversationId,
         slot: &mut Option<OpenConversation>,
         lines: Vec<u8>,
+        with: Vec<Entry>,
     ) -> Result<(), StoreError> {
         let Some(open) = slot.as_mut() else {
             return Err(StoreError::NotFound);
         };
         let added = lines.len() as u64;
-        if let Err(e) = self.write_durably(conversation, &mut open.file, open.len, lines) {
+        if let Err(e) = self.write_durably(conversation, &open.file, open.len, lines, with) {
             let _ = open.file.set_len(open.len);
             *slot = None;
             return Err(e.into());
@@ -632,12 +707,14 @@ impl Inner {
     }
 
     /// Writes a new conversation's header and first messages (seq 1, 2, ...) in one durable
-    /// step.
+    /// step, with `with` (see `write_durably`). The file is made empty first: a crash before
+    /// the journal carries the write out leaves it so, and `load` removes it.
     fn create(
         &self,
         owner: &Owner,
         conversation: &ConversationId,
         messages: Vec<Message>,
+        with: Vec<Entry>,
     ) -> Result<OpenConversation, StoreError> {
         let header = Header {
             conversation_id: conversation.clone(),
@@ -652,14 +729,14 @@ impl Inner {
         }
 
         let path = self.path(conversation);
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .append(true)
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
         let len = bytes.len() as u64;
-        if let Err(e) = self.write_durably(conversation, &mut file, 0, bytes) {
+        if let Err(e) = self.write_durably(conversation, &file, 0, bytes, with) {
             let _ = fs::remove_file(&path);
             return Err(e.into());
         }
@@ -748,7 +825,7 @@ impl Inner {
                     message.seq = i as i64 + 1;
                 }
                 applied.added = fresh.len();
-                *slot = Some(self.create(owner, conversation, fresh)?);
+                *slot = Some(self.create(owner, conversation, fresh, Vec::new())?);
                 return Ok(());
             };
             if !open.header.is_owned_by(owner) {
@@ -796,7 +873,7 @@ impl Inner {
             if lines.is_empty() {
                 return Ok(());
             }
-            self.append_lines(conversation, slot, lines)?;
+            self.append_lines(conversation, slot, lines, Vec::new())?;
             if let Some(open) = slot.as_mut() {
                 for message in stored {
                     open.remember(message, self.keep_recent);
@@ -846,10 +923,9 @@ impl Inner {
             }
             *slot = None;
             self.journal.commit(Entry::Replace {
-                conversation: conversation.as_str().to_owned(),
-                bytes: bytes.clone(),
+                file: conversation.as_str().to_owned(),
+                bytes,
             })?;
-            replace_file(&self.path(conversation), &bytes)?;
             Ok(())
         })
     }
@@ -858,12 +934,8 @@ impl Inner {
     /// done again, and the conversation never comes back from earlier entries).
     fn remove(&self, conversation: &ConversationId) -> Result<(), StoreError> {
         self.journal.commit(Entry::Delete {
-            conversation: conversation.as_str().to_owned(),
+            file: conversation.as_str().to_owned(),
         })?;
-        fs::remove_file(self.path(conversation))?;
-        // A checkpoint may have passed between the entry and the removal: then only this
-        // makes the removal durable.
-        sync_dir(&self.dir)?;
         Ok(())
     }
 
@@ -1053,59 +1125,191 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Makes the named conversations' files, and the folder's entries, durable: the journal's
-/// checkpoint. A file deleted since has nothing left to flush.
-fn flush_files(dir: &Path, conversations: &HashSet<String>) -> io::Result<()> {
-    for conversation in conversations {
-        match File::open(file_path(dir, conversation)) {
-            Ok(file) => file.sync_data()?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
+/// Makes room for `len` bytes at `offset` in `file` without changing its size, so that
+/// writing them later cannot meet a full disk. Where the filesystem cannot (no `fallocate`),
+/// the write itself will tell.
+fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use rustix::fs::{FallocateFlags, fallocate};
+    use rustix::io::Errno;
+    match fallocate(file, FallocateFlags::KEEP_SIZE, offset, len) {
+        Err(Errno::OPNOTSUPP | Errno::NOSYS) | Ok(()) => Ok(()),
+        Err(e) => Err(e.into()),
     }
-    sync_dir(dir)
 }
 
-/// Applies what the journal kept from a run that did not stop cleanly, in order: each write
-/// stands in its file again (the page cache may have lost it), each removal is done again.
-fn apply_recovered(dir: &Path, entries: &[Entry]) -> io::Result<()> {
-    if entries.is_empty() {
-        return Ok(());
+/// The journal entry for one line of the cost ledger.
+fn ledger_entry(record: &UsageRecord<'_>) -> Result<Entry, StoreError> {
+    Ok(Entry::Append {
+        file: LEDGER.to_owned(),
+        bytes: usage_log::line(record).context("cannot encode a usage record")?,
+    })
+}
+
+/// The store's files, by the names the journal gives them: a conversation by its id, the cost
+/// ledger (`maestra_metrics.jsonl` in the data folder, the conversations folder's parent) and
+/// the idempotency records (in its `idempotency` folder) by names no conversation id has.
+struct StoreFiles {
+    conversations: PathBuf,
+    ledger_path: PathBuf,
+    idempotency: PathBuf,
+    /// The ledger, opened for appending: each line goes in one `write`, so lines never mix.
+    ledger: File,
+}
+
+impl StoreFiles {
+    fn new(conversations: &Path) -> io::Result<Self> {
+        let data = conversations.parent().unwrap_or(conversations);
+        let ledger_path = data.join(LEDGER_FILE);
+        let ledger = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&ledger_path)?;
+        Ok(Self {
+            conversations: conversations.to_owned(),
+            ledger_path,
+            idempotency: data.join("idempotency"),
+            ledger,
+        })
     }
-    let mut touched = HashSet::new();
-    let mut rewritten = 0;
-    for entry in entries {
-        let conversation = entry.conversation();
-        if ConversationId::parse(conversation).is_err() {
-            tracing::warn!("skipping a journal entry with an invalid conversation id");
-            continue;
+
+    fn path(&self, name: &str) -> Option<PathBuf> {
+        if name == LEDGER {
+            return Some(self.ledger_path.clone());
         }
-        let path = file_path(dir, conversation);
-        match entry {
-            Entry::Write { offset, bytes, .. } => {
-                if restore(&path, *offset, bytes)? {
+        if let Some(key) = name.strip_prefix(IDEMPOTENCY) {
+            let hex = !key.is_empty() && key.bytes().all(|b| b.is_ascii_hexdigit());
+            return hex.then(|| self.idempotency.join(format!("{key}.{FILE_EXTENSION}")));
+        }
+        ConversationId::parse(name)
+            .is_ok()
+            .then(|| file_path(&self.conversations, name))
+    }
+
+    fn path_of(&self, change: &Entry) -> io::Result<PathBuf> {
+        self.path(change.file()).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a journal entry names no file of the store",
+            )
+        })
+    }
+
+    /// Applies what the journal kept from a run that did not stop cleanly, in order: each write
+    /// stands in its file again (the page cache may have lost it), each removal is done again,
+    /// each ledger line not in the ledger yet is added.
+    fn apply_recovered(&self, entries: &[Entry]) -> io::Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut touched = HashSet::new();
+        let mut rewritten = 0;
+        let mut ledger_lines: Option<HashSet<Vec<u8>>> = None;
+        for entry in entries {
+            let Some(path) = self.path(entry.file()) else {
+                tracing::warn!("skipping a journal entry that names no file of the store");
+                continue;
+            };
+            match entry {
+                Entry::Write { offset, bytes, .. } => {
+                    if restore(&path, *offset, bytes)? {
+                        rewritten += 1;
+                    }
+                }
+                Entry::Delete { .. } => match fs::remove_file(&path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                },
+                Entry::Replace { bytes, .. } => {
+                    replace_file(&path, bytes)?;
                     rewritten += 1;
                 }
-                touched.insert(conversation.to_owned());
+                Entry::Append { bytes, .. } => {
+                    let lines = match &mut ledger_lines {
+                        Some(lines) => lines,
+                        None => ledger_lines.insert(
+                            fs::read(&path)?
+                                .split_inclusive(|&b| b == b'\n')
+                                .map(<[u8]>::to_vec)
+                                .collect(),
+                        ),
+                    };
+                    if lines.insert(bytes.clone()) {
+                        (&self.ledger).write_all(bytes)?;
+                        rewritten += 1;
+                    }
+                }
+                Entry::Group(_) => {} // `recover` hands their changes one by one
             }
-            Entry::Delete { .. } => match fs::remove_file(&path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            },
-            Entry::Replace { bytes, .. } => {
-                replace_file(&path, bytes)?;
-                rewritten += 1;
-                touched.insert(conversation.to_owned());
+            if !matches!(entry, Entry::Delete { .. }) {
+                touched.insert(entry.file().to_owned());
             }
         }
+        self.flush(&touched)?;
+        tracing::info!(
+            entries = entries.len(),
+            rewritten,
+            "applied the store's journal left by a run that did not stop cleanly"
+        );
+        Ok(())
     }
-    flush_files(dir, &touched)?;
-    tracing::info!(
-        entries = entries.len(),
-        rewritten,
-        "applied the store's journal left by a run that did not stop cleanly"
-    );
-    Ok(())
+}
+
+impl Files for StoreFiles {
+    fn reserve(&self, appends: &[&Entry]) -> io::Result<()> {
+        let len = appends
+            .iter()
+            .map(|append| match append {
+                Entry::Append { bytes, .. } => bytes.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        reserve(&self.ledger, self.ledger.metadata()?.len(), len)
+    }
+
+    fn apply(&self, change: &Entry) -> io::Result<()> {
+        let path = self.path_of(change)?;
+        match change {
+            Entry::Write { offset, bytes, .. } => OpenOptions::new()
+                .write(true)
+                .create(*offset == 0)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)?
+                .write_all_at(bytes, *offset),
+            Entry::Delete { .. } => match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+            Entry::Replace { bytes, .. } => replace_file(&path, bytes),
+            Entry::Append { .. } if path != self.ledger_path => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "only the ledger is appended to",
+            )),
+            Entry::Append { bytes, .. } => (&self.ledger).write_all(bytes),
+            Entry::Group(_) => Err(io::Error::other("a group is applied change by change")),
+        }
+    }
+
+    /// Makes the named files, and the folders' entries, durable: the journal's checkpoint. A
+    /// file deleted since has nothing left to flush.
+    fn flush(&self, files: &HashSet<String>) -> io::Result<()> {
+        for name in files {
+            let Some(path) = self.path(name) else {
+                continue;
+            };
+            match File::open(path) {
+                Ok(file) => file.sync_data()?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        sync_dir(&self.conversations)?;
+        if files.iter().any(|name| name.starts_with(IDEMPOTENCY)) {
+            sync_dir(&self.idempotency)?;
+        }
+        Ok(())
+    }
 }
 
 /// Makes `bytes` stand at `offset` in the file; whether they had to be written.

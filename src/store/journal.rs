@@ -1,16 +1,19 @@
 //! Group commit for the local store: one write-ahead journal makes many appends durable with one
 //! flush.
 //!
-//! A conversation's file takes its new line at once (into the page cache); the same bytes go to
-//! the journal, and the append waits until the journal has flushed them. One flush at a time
-//! writes everything gathered since the last one, so concurrent appends to different
-//! conversations share a single `fdatasync` and flushes never queue in the device. The journal
-//! is two zero-filled segments overwritten in place: a flush writes data only, never a file size
-//! or a block map.
+//! Write-ahead: a change to the store's files (a conversation's new line, a line of the cost
+//! ledger, an idempotency record) goes to the journal first, and only once the journal has
+//! flushed it does the journal carry it out in the file (into the page cache, see [`Files`]).
+//! So whatever a crash — a killed process or a lost machine — leaves in the files, the journal
+//! holds or held it: a change is never half there, and a [`Entry::Group`] of changes (a reply
+//! and its ledger line) is there whole or not at all. One flush at a time writes everything
+//! gathered since the last one, so concurrent appends to different conversations share a
+//! single `fdatasync` and flushes never queue in the device. The journal is two zero-filled
+//! segments overwritten in place: a flush writes data only, never a file size or a block map.
 //!
 //! When the active segment is full the journal moves on to the other one, and a checkpointer
-//! thread flushes the conversation files the full segment touched; then that segment is erased
-//! and may be reused. After a crash, [`recover`] returns the entries of the live segments,
+//! thread flushes the files the full segment touched (all of its entries were carried out
+//! before the switch); then that segment is erased and may be reused. After a crash, [`recover`] returns the entries of the live segments,
 //! oldest first, for the store to apply again: every acknowledged write is among them.
 //!
 //! Segment: a header (magic, version, generation, live flag, CRC) in the first `HEADER_LEN`
@@ -48,100 +51,156 @@ const DELETE: u8 = 2;
 const REPLACE: u8 = 3;
 /// A record that stands for nothing: covers bytes a refused write may have left.
 const PAD: u8 = 4;
+const GROUP: u8 = 5;
+const APPEND: u8 = 6;
 /// The smallest record: a frame, a kind and an id length.
 const MIN_RECORD: u64 = FRAME_LEN as u64 + 2;
 
-/// One change to a conversation file, as the journal keeps it.
+/// One change to a file of the store, as the journal keeps it. `file` names the file; what a
+/// name stands for is the store's business ([`Files`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
-    /// `bytes` stand in the conversation's file at `offset` (0 creates the file).
+    /// `bytes` stand in the file at `offset` (0 creates the file).
     Write {
-        conversation: String,
+        file: String,
         offset: u64,
         bytes: Vec<u8>,
     },
-    /// The conversation's file is removed.
-    Delete { conversation: String },
-    /// The conversation's file holds `bytes` and nothing else: rewritten in one entry, so that
-    /// a crash leaves either the old file or the new one.
-    Replace {
-        conversation: String,
-        bytes: Vec<u8>,
-    },
+    /// The file is removed.
+    Delete { file: String },
+    /// The file holds `bytes` and nothing else: rewritten in one entry, so that a crash leaves
+    /// either the old file or the new one.
+    Replace { file: String, bytes: Vec<u8> },
+    /// `bytes` (whole lines) go at the end of the file, wherever it ends then: for a file that
+    /// many write to at once, like the cost ledger. Applied again after a crash only if the
+    /// file does not hold them yet.
+    Append { file: String, bytes: Vec<u8> },
+    /// Changes that are durable together or not at all (one record), carried out in order.
+    /// A group holds no group.
+    Group(Vec<Entry>),
 }
 
 impl Entry {
-    pub fn conversation(&self) -> &str {
+    /// The file it changes; empty for a group.
+    pub fn file(&self) -> &str {
         match self {
-            Entry::Write { conversation, .. }
-            | Entry::Delete { conversation }
-            | Entry::Replace { conversation, .. } => conversation,
+            Entry::Write { file, .. }
+            | Entry::Delete { file }
+            | Entry::Replace { file, .. }
+            | Entry::Append { file, .. } => file,
+            Entry::Group(_) => "",
         }
     }
 
-    /// Kind, id length, id: what every entry starts with.
-    fn head_len(conversation: &str) -> usize {
-        2 + conversation.len()
+    /// The changes it stands for, a group's one by one.
+    pub fn changes(&self) -> &[Entry] {
+        match self {
+            Entry::Group(entries) => entries,
+            single => std::slice::from_ref(single),
+        }
+    }
+
+    /// Kind, name length, name: what every entry starts with.
+    fn head_len(file: &str) -> usize {
+        2 + file.len()
     }
 
     fn encoded_len(&self) -> usize {
-        let head = Self::head_len(self.conversation());
+        let head = Self::head_len(self.file());
         match self {
             Entry::Write { bytes, .. } => head + 8 + bytes.len(),
             Entry::Delete { .. } => head,
-            Entry::Replace { bytes, .. } => head + bytes.len(),
+            Entry::Replace { bytes, .. } | Entry::Append { bytes, .. } => head + bytes.len(),
+            Entry::Group(entries) => {
+                head + entries.iter().map(|e| 4 + e.encoded_len()).sum::<usize>()
+            }
         }
     }
 
     fn encode_into(&self, out: &mut Vec<u8>) {
-        let id = self.conversation().as_bytes();
-        // Conversation ids are at most 128 bytes (domain::ConversationId).
-        let id_len = u8::try_from(id.len()).unwrap_or(u8::MAX);
+        let name = self.file().as_bytes();
+        // Names are at most 128 bytes (domain::ConversationId) or the store's own short ones.
+        let name_len = u8::try_from(name.len()).unwrap_or(u8::MAX);
+        let kind = match self {
+            Entry::Write { .. } => WRITE,
+            Entry::Delete { .. } => DELETE,
+            Entry::Replace { .. } => REPLACE,
+            Entry::Append { .. } => APPEND,
+            Entry::Group(_) => GROUP,
+        };
+        out.extend([kind, name_len]);
+        out.extend(&name[..usize::from(name_len)]);
         match self {
             Entry::Write { offset, bytes, .. } => {
-                out.extend([WRITE, id_len]);
-                out.extend(&id[..usize::from(id_len)]);
                 out.extend(offset.to_le_bytes());
                 out.extend(bytes);
             }
-            Entry::Delete { .. } => {
-                out.extend([DELETE, id_len]);
-                out.extend(&id[..usize::from(id_len)]);
-            }
-            Entry::Replace { bytes, .. } => {
-                out.extend([REPLACE, id_len]);
-                out.extend(&id[..usize::from(id_len)]);
-                out.extend(bytes);
+            Entry::Delete { .. } => {}
+            Entry::Replace { bytes, .. } | Entry::Append { bytes, .. } => out.extend(bytes),
+            Entry::Group(entries) => {
+                for entry in entries {
+                    let len = u32::try_from(entry.encoded_len()).unwrap_or(u32::MAX);
+                    out.extend(len.to_le_bytes());
+                    entry.encode_into(out);
+                }
             }
         }
     }
 
     fn decode(payload: &[u8]) -> Option<Entry> {
         let (&kind, rest) = payload.split_first()?;
-        let (&id_len, rest) = rest.split_first()?;
-        let (id, rest) = rest.split_at_checked(usize::from(id_len))?;
-        let conversation = String::from_utf8(id.to_vec()).ok()?;
+        let (&name_len, rest) = rest.split_first()?;
+        let (name, rest) = rest.split_at_checked(usize::from(name_len))?;
+        let file = String::from_utf8(name.to_vec()).ok()?;
         match kind {
             WRITE => {
                 let (offset, bytes) = rest.split_first_chunk::<8>()?;
                 Some(Entry::Write {
-                    conversation,
+                    file,
                     offset: u64::from_le_bytes(*offset),
                     bytes: bytes.to_vec(),
                 })
             }
-            DELETE if rest.is_empty() => Some(Entry::Delete { conversation }),
+            DELETE if rest.is_empty() => Some(Entry::Delete { file }),
             REPLACE => Some(Entry::Replace {
-                conversation,
+                file,
                 bytes: rest.to_vec(),
             }),
+            APPEND => Some(Entry::Append {
+                file,
+                bytes: rest.to_vec(),
+            }),
+            GROUP if file.is_empty() => {
+                let mut entries = Vec::new();
+                let mut rest = rest;
+                while let Some((len, after)) = rest.split_first_chunk::<4>() {
+                    let (entry, after) =
+                        after.split_at_checked(u32::from_le_bytes(*len) as usize)?;
+                    match Entry::decode(entry)? {
+                        Entry::Group(_) => return None,
+                        entry => entries.push(entry),
+                    }
+                    rest = after;
+                }
+                rest.is_empty().then_some(Entry::Group(entries))
+            }
             _ => None,
         }
     }
 }
 
-/// Makes the conversation files named durable (the checkpoint of a full segment).
-pub type FlushFiles = dyn Fn(&HashSet<String>) -> io::Result<()> + Send + Sync;
+/// What the journal does to the files its entries name: the store's side of it.
+pub trait Files: Send + Sync + 'static {
+    /// Before a batch is written: makes room for what its `Append`s will add (a full disk
+    /// refuses the batch here, before anything is durable). Other entries' room is made by
+    /// their callers, before they commit.
+    fn reserve(&self, appends: &[&Entry]) -> io::Result<()>;
+    /// Carries out a durable change (never a group: its changes come one by one). It must
+    /// not fail on a full disk: room was made before.
+    fn apply(&self, change: &Entry) -> io::Result<()>;
+    /// Makes the named files durable: the checkpoint of a full segment.
+    fn flush(&self, files: &HashSet<String>) -> io::Result<()>;
+}
 
 pub struct Journal {
     shared: Arc<Shared>,
@@ -151,7 +210,7 @@ pub struct Journal {
 
 struct Shared {
     segments: [File; SEGMENTS],
-    flush_files: Arc<FlushFiles>,
+    files: Arc<dyn Files>,
     state: Mutex<State>,
     /// Held by the one caller that writes and flushes for everybody (see `Journal::commit`).
     writer: Mutex<Writer>,
@@ -164,6 +223,8 @@ struct Shared {
 #[derive(Default)]
 struct State {
     pending: Vec<Entry>,
+    /// Entries nobody waits for (`Journal::ride`), written with the next batch.
+    riding: Vec<Entry>,
     /// Entries handed in so far, and how many of them are settled: durable, or refused (see
     /// `refused`).
     submitted: u64,
@@ -179,7 +240,7 @@ struct State {
     stopping: bool,
     /// Set by `close` once no flush is under way: the checkpointer may exit.
     checkpointer_done: bool,
-    /// A full segment waiting to be checkpointed, with the conversations it touched.
+    /// A full segment waiting to be checkpointed, with the files it touched.
     checkpoint: Option<(usize, HashSet<String>)>,
     /// Which segments hold nothing a crash would need (so may be overwritten).
     clean: [bool; SEGMENTS],
@@ -236,7 +297,7 @@ struct Writer {
     generation: u64,
     /// Where the next record goes in the active segment.
     position: u64,
-    /// Conversations the active segment has touched.
+    /// Files the active segment has touched.
     touched: HashSet<String>,
     buffer: Vec<u8>,
     /// After a refused write: the end of what it may have left in the active segment, which
@@ -260,7 +321,7 @@ fn segment_path(dir: &Path, index: usize) -> PathBuf {
 
 /// What a previous run left in the journal folder.
 pub struct Recovered {
-    /// The live segments' entries, oldest first: to be applied again.
+    /// The live segments' changes (a group's one by one), oldest first: to be applied again.
     pub entries: Vec<Entry>,
     /// Each segment's generation, where its header could be read; a new run counts on from
     /// the highest.
@@ -311,6 +372,7 @@ fn read_records(segment: &[u8], generation: u64) -> Vec<Entry> {
         }
         if payload.first() != Some(&PAD) {
             match Entry::decode(payload) {
+                Some(Entry::Group(changes)) => entries.extend(changes),
                 Some(entry) => entries.push(entry),
                 None => break,
             }
@@ -400,7 +462,7 @@ impl Journal {
         dir: &Path,
         segment_bytes: u64,
         recovered: &Recovered,
-        flush_files: Arc<FlushFiles>,
+        files: Arc<dyn Files>,
     ) -> io::Result<Journal> {
         let segment_bytes = segment_bytes.max(HEADER_LEN * 2);
         let generation = recovered.generations.iter().flatten().max().unwrap_or(&0) + 1;
@@ -431,7 +493,7 @@ impl Journal {
 
         let shared = Arc::new(Shared {
             segments,
-            flush_files,
+            files,
             state: Mutex::new(State {
                 clean: [false, true],
                 ..State::default()
@@ -467,10 +529,29 @@ impl Journal {
         FRAME_LEN + entry.encoded_len() <= self.capacity
     }
 
-    /// The most bytes one `Write` entry for `conversation` may carry: a longer write is
-    /// committed in pieces.
-    pub fn max_write(&self, conversation: &str) -> usize {
-        self.capacity - FRAME_LEN - Entry::head_len(conversation) - 8
+    /// The most bytes one `Write` entry for `file` may carry: a longer write is committed in
+    /// pieces.
+    pub fn max_write(&self, file: &str) -> usize {
+        self.capacity - FRAME_LEN - Entry::head_len(file) - 8
+    }
+
+    /// What grouping `with` costs a `Write` that [`max_write`](Self::max_write) allows.
+    pub fn group_overhead(with: &[Entry]) -> usize {
+        Entry::head_len("") + 4 + with.iter().map(|e| 4 + e.encoded_len()).sum::<usize>()
+    }
+
+    /// Adds `entry` without waiting for it: it is made durable (and carried out) with the
+    /// next commit's batch, or when the journal closes. For changes that a crash may lose,
+    /// but must not cost a flush of their own.
+    pub fn ride(&self, entry: Entry) {
+        if !self.accepts(&entry) {
+            tracing::warn!("an entry larger than a journal segment was not kept");
+            return;
+        }
+        let mut state = lock(&self.shared.state);
+        if !state.stopping {
+            state.riding.push(entry);
+        }
     }
 
     /// Adds `entry` and waits until it is durable. Fails for good once a write or flush of the
@@ -512,10 +593,16 @@ impl Journal {
                 return Err(io::Error::other("the store is closed"));
             }
             state.flushing = true;
-            let batch = mem::take(&mut state.pending);
+            // Riders go first: they came before (a rider is never counted as a caller).
+            let riders = mem::take(&mut state.riding);
+            let mut batch = mem::take(&mut state.pending);
             let first = state.submitted - batch.len() as u64;
+            let riding = riders.len();
+            batch.splice(0..0, riders);
             drop(state);
             let (flushed, written) = lock(&shared.writer).write(shared, &batch);
+            batch.drain(..riding);
+            let flushed = flushed.saturating_sub(riding);
             state = lock(&shared.state);
             state.flushing = false;
             state.durable = first + flushed as u64;
@@ -570,6 +657,16 @@ impl Journal {
             while state.flushing {
                 state = wait(&self.shared.progress, state);
             }
+            // Then what rides without a caller, so that a clean stop keeps it.
+            let riders = mem::take(&mut state.riding);
+            if !riders.is_empty() && state.failure.is_none() {
+                drop(state);
+                let (_, written) = lock(&self.shared.writer).write(&self.shared, &riders);
+                state = lock(&self.shared.state);
+                if let Err(e) = written {
+                    tracing::warn!(error = %e, "entries left unwritten at close");
+                }
+            }
             state.checkpointer_done = true;
             self.shared.to_checkpoint.notify_all();
         }
@@ -585,15 +682,16 @@ impl Journal {
             state.checkpoint.take()
         };
         if let Some((segment, touched)) = handed_over
-            && let Err(e) =
-                (self.shared.flush_files)(&touched).and_then(|()| self.shared.erase(segment))
+            && let Err(e) = (self.shared.files)
+                .flush(&touched)
+                .and_then(|()| self.shared.erase(segment))
         {
             tracing::warn!(error = %e, "journal left to be applied at the next start");
             return;
         }
         let mut writer = lock(&self.shared.writer);
         writer.closed = true;
-        let erased = (self.shared.flush_files)(&writer.touched).and_then(|()| {
+        let erased = self.shared.files.flush(&writer.touched).and_then(|()| {
             Header {
                 generation: writer.generation,
                 live: false,
@@ -614,11 +712,21 @@ impl Drop for Journal {
 
 impl Writer {
     /// Writes a batch at the end of the active segment (going on in the other one when it is
-    /// full) and flushes it. Says how many of its entries (from the first) are durable, which
-    /// is fewer than all only with an error.
+    /// full), flushes it and carries it out. Says how many of its entries (from the first) are
+    /// durable and carried out, which is fewer than all only with an error.
     fn write(&mut self, shared: &Shared, batch: &[Entry]) -> (usize, io::Result<()>) {
         if self.closed {
             return (0, Err(io::Error::other("the store is closed")));
+        }
+        let appends: Vec<&Entry> = batch
+            .iter()
+            .flat_map(Entry::changes)
+            .filter(|change| matches!(change, Entry::Append { .. }))
+            .collect();
+        if !appends.is_empty()
+            && let Err(e) = shared.files.reserve(&appends)
+        {
+            return (0, Err(e));
         }
         self.buffer.clear();
         self.pad();
@@ -629,6 +737,10 @@ impl Writer {
                 if let Err(e) = self.flush(shared) {
                     return (flushed, Err(e));
                 }
+                // Carried out before the switch: the checkpoint of this segment comes after.
+                if let Err(e) = apply(shared, &batch[flushed..framed]) {
+                    return (flushed, Err(e));
+                }
                 flushed = framed;
                 if let Err(e) = self.switch(shared) {
                     return (flushed, Err(e));
@@ -636,14 +748,19 @@ impl Writer {
             }
             self.frame(entry);
             framed += 1;
-            if !self.touched.contains(entry.conversation()) {
-                self.touched.insert(entry.conversation().to_owned());
+            for change in entry.changes() {
+                if !self.touched.contains(change.file()) {
+                    self.touched.insert(change.file().to_owned());
+                }
             }
         }
-        match self.flush(shared) {
-            Ok(()) => (framed, Ok(())),
-            Err(e) => (flushed, Err(e)),
+        if let Err(e) = self.flush(shared) {
+            return (flushed, Err(e));
         }
+        if let Err(e) = apply(shared, &batch[flushed..framed]) {
+            return (flushed, Err(e));
+        }
+        (framed, Ok(()))
     }
 
     /// After a refused write, a padding record over what it may have left, first in the
@@ -731,6 +848,23 @@ impl Writer {
     }
 }
 
+/// Carries out durable entries. A failure stops the journal for good (whatever its kind): the
+/// entries are durable, so the next start applies them again.
+fn apply(shared: &Shared, entries: &[Entry]) -> io::Result<()> {
+    for change in entries.iter().flat_map(Entry::changes) {
+        shared.files.apply(change).map_err(|e| {
+            fatal(io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot carry out a journaled change to {}: {e}",
+                    change.file()
+                ),
+            ))
+        })?;
+    }
+    Ok(())
+}
+
 impl Shared {
     /// Until the journal stops: flushes the files a full segment touched, then erases it.
     fn run_checkpoints(&self) {
@@ -745,7 +879,10 @@ impl Shared {
                     None => return,
                 }
             };
-            let done = (self.flush_files)(&touched).and_then(|()| self.erase(segment));
+            let done = self
+                .files
+                .flush(&touched)
+                .and_then(|()| self.erase(segment));
             let mut state = lock(&self.state);
             match done {
                 Ok(()) => state.clean[segment] = true,
@@ -778,21 +915,52 @@ impl Shared {
 mod tests {
     use super::*;
 
-    fn write(conversation: &str, offset: u64, text: &str) -> Entry {
+    fn write(file: &str, offset: u64, text: &str) -> Entry {
         Entry::Write {
-            conversation: conversation.to_owned(),
+            file: file.to_owned(),
             offset,
             bytes: text.as_bytes().to_vec(),
         }
     }
 
-    fn no_files() -> Arc<FlushFiles> {
-        Arc::new(|_: &HashSet<String>| Ok(()))
+    /// Files that the journal's own tests only watch: what is carried out, and each
+    /// checkpoint's flush (by `flush`).
+    struct Watched<F> {
+        flush: F,
+        applied: Mutex<Vec<Entry>>,
+    }
+
+    impl<F: Fn(&HashSet<String>) -> io::Result<()> + Send + Sync + 'static> Files for Watched<F> {
+        fn reserve(&self, _: &[&Entry]) -> io::Result<()> {
+            Ok(())
+        }
+
+        fn apply(&self, change: &Entry) -> io::Result<()> {
+            self.applied.lock().unwrap().push(change.clone());
+            Ok(())
+        }
+
+        fn flush(&self, files: &HashSet<String>) -> io::Result<()> {
+            (self.flush)(files)
+        }
+    }
+
+    fn files(
+        flush: impl Fn(&HashSet<String>) -> io::Result<()> + Send + Sync + 'static,
+    ) -> Arc<dyn Files> {
+        Arc::new(Watched {
+            flush,
+            applied: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn no_files() -> Arc<dyn Files> {
+        files(|_| Ok(()))
     }
 
     /// A journal in `dir`, after applying (here: ignoring) what an earlier run left.
-    fn start(dir: &Path, segment_bytes: u64, flush_files: Arc<FlushFiles>) -> Journal {
-        Journal::start(dir, segment_bytes, &recover(dir).unwrap(), flush_files).unwrap()
+    fn start(dir: &Path, segment_bytes: u64, files: Arc<dyn Files>) -> Journal {
+        Journal::start(dir, segment_bytes, &recover(dir).unwrap(), files).unwrap()
     }
 
     fn crash(journal: Journal) {
@@ -806,8 +974,19 @@ mod tests {
             write("conv_a", 0, "{\"x\":1}\n"),
             write("conv_b", 1 << 40, ""),
             Entry::Delete {
-                conversation: "conv_c".into(),
+                file: "conv_c".into(),
             },
+            Entry::Append {
+                file: "~ledger".into(),
+                bytes: b"{}\n".to_vec(),
+            },
+            Entry::Group(vec![
+                write("conv_d", 7, "reply\n"),
+                Entry::Append {
+                    file: "~ledger".into(),
+                    bytes: b"{\"cost\":1}\n".to_vec(),
+                },
+            ]),
         ] {
             let mut out = Vec::new();
             entry.encode_into(&mut out);
@@ -816,6 +995,11 @@ mod tests {
         }
         assert_eq!(Entry::decode(&[WRITE, 200, b'x']), None);
         assert_eq!(Entry::decode(&[9, 1, b'x']), None);
+        // A group inside a group, or a group with a name, is not one.
+        let mut nested = Vec::new();
+        Entry::Group(vec![Entry::Group(vec![])]).encode_into(&mut nested);
+        assert_eq!(Entry::decode(&nested), None);
+        assert_eq!(Entry::decode(&[GROUP, 1, b'x']), None);
     }
 
     #[test]
@@ -833,11 +1017,66 @@ mod tests {
     }
 
     #[test]
+    fn changes_are_carried_out_once_durable_in_order_and_a_group_whole_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let watched = Arc::new(Watched {
+            flush: |_: &HashSet<String>| Ok(()),
+            applied: Mutex::new(Vec::new()),
+        });
+        let journal = start(dir.path(), 1 << 16, watched.clone());
+        let reply = write("conv_a", 0, "reply\n");
+        let priced = Entry::Append {
+            file: "~ledger".into(),
+            bytes: b"{\"cost_usd\":0.5}\n".to_vec(),
+        };
+        journal.commit(write("conv_a", 0, "hi\n")).unwrap();
+        journal
+            .commit(Entry::Group(vec![reply.clone(), priced.clone()]))
+            .unwrap();
+        assert_eq!(
+            *watched.applied.lock().unwrap(),
+            [write("conv_a", 0, "hi\n"), reply.clone(), priced.clone()]
+        );
+        crash(journal);
+        assert_eq!(
+            recover(dir.path()).unwrap().entries,
+            [write("conv_a", 0, "hi\n"), reply, priced]
+        );
+    }
+
+    #[test]
+    fn a_rider_is_written_with_the_next_commit_or_at_a_clean_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let watched = Arc::new(Watched {
+            flush: |_: &HashSet<String>| Ok(()),
+            applied: Mutex::new(Vec::new()),
+        });
+        let journal = start(dir.path(), 1 << 16, watched.clone());
+        let record = |n: &str| Entry::Replace {
+            file: "~idempotency/k".into(),
+            bytes: n.as_bytes().to_vec(),
+        };
+        journal.ride(record("1"));
+        assert!(
+            watched.applied.lock().unwrap().is_empty(),
+            "nobody flushed yet"
+        );
+        journal.commit(write("conv_a", 0, "hi\n")).unwrap();
+        assert_eq!(
+            *watched.applied.lock().unwrap(),
+            [record("1"), write("conv_a", 0, "hi\n")]
+        );
+        journal.ride(record("2"));
+        journal.close();
+        assert_eq!(watched.applied.lock().unwrap().last(), Some(&record("2")));
+    }
+
+    #[test]
     fn a_clean_stop_leaves_nothing_to_apply_and_flushes_what_was_touched() {
         let dir = tempfile::tempdir().unwrap();
         let flushed = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::clone(&flushed);
-        let flush: Arc<FlushFiles> = Arc::new(move |touched: &HashSet<String>| {
+        let flush = files(move |touched: &HashSet<String>| {
             seen.lock().unwrap().extend(touched.iter().cloned());
             Ok(())
         });
@@ -863,7 +1102,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let checkpoints = Arc::new(Mutex::new(0));
         let counted = Arc::clone(&checkpoints);
-        let flush: Arc<FlushFiles> = Arc::new(move |_: &HashSet<String>| {
+        let flush = files(move |_: &HashSet<String>| {
             *counted.lock().unwrap() += 1;
             Ok(())
         });
@@ -923,8 +1162,7 @@ mod tests {
     #[test]
     fn a_failed_checkpoint_stops_the_journal_with_a_reason() {
         let dir = tempfile::tempdir().unwrap();
-        let flush: Arc<FlushFiles> =
-            Arc::new(|_: &HashSet<String>| Err(io::Error::other("disk gone")));
+        let flush = files(|_: &HashSet<String>| Err(io::Error::other("disk gone")));
         let journal = start(dir.path(), HEADER_LEN * 2, flush);
         let line = "x".repeat(1000);
         let failed = (0..20).find_map(|i| journal.commit(write("conv_a", i, &line)).err());

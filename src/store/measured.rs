@@ -6,9 +6,10 @@ use std::time::Instant;
 use async_trait::async_trait;
 use tracing::Instrument;
 
-use super::{Appended, ConversationStore, ConversationSummary, Owner, StoreError};
+use super::{Appended, ConversationStore, ConversationSummary, Owner, Priced, StoreError};
 use crate::domain::{ConversationId, Message, NewMessage};
 use crate::metrics::Metrics;
+use crate::usage_log::UsageRecord;
 
 pub struct MeasuredStore {
     inner: Arc<dyn ConversationStore>,
@@ -46,6 +47,25 @@ impl ConversationStore for MeasuredStore {
             self.inner.append_once(owner, conversation, message),
         )
         .await
+    }
+
+    async fn append_reply(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        reply: NewMessage,
+        priced: Priced,
+    ) -> Result<Appended, StoreError> {
+        self.measure(
+            "append",
+            self.inner.append_reply(owner, conversation, reply, priced),
+        )
+        .await
+    }
+
+    async fn record_cost(&self, record: &UsageRecord<'_>) -> Result<(), StoreError> {
+        self.measure("record_cost", self.inner.record_cost(record))
+            .await
     }
 
     async fn find(

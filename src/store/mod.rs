@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::domain::{ConversationId, Message, NewMessage, UserId};
+use crate::usage_log::UsageRecord;
 
 pub use file::{Applied, FileCursor, FileStore, create_private_dir};
 pub use measured::MeasuredStore;
@@ -49,6 +50,17 @@ pub enum StoreError {
     Other(#[from] anyhow::Error),
 }
 
+/// What a reply cost, for the cost ledger: the line also takes the reply's model, tokens, price
+/// and time, and its conversation.
+#[derive(Debug, Clone)]
+pub struct Priced {
+    pub request_id: String,
+    pub user_id: UserId,
+    pub surface_id: String,
+    /// From the request's start until its reply was ready to store.
+    pub latency_ms: f64,
+}
+
 /// A message handed to [`ConversationStore::append_once`], as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Appended {
@@ -82,6 +94,27 @@ pub trait ConversationStore: Send + Sync + 'static {
             .append_once(owner, conversation, message)
             .await?
             .message)
+    }
+
+    /// `append_once` for a turn's reply. A store that keeps the cost ledger (local mode) writes
+    /// the reply's line in the same durable step, so that every reply it stores has exactly
+    /// one; a reply already stored (`existed`) gets none. Other stores keep no ledger.
+    async fn append_reply(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        reply: NewMessage,
+        priced: Priced,
+    ) -> Result<Appended, StoreError> {
+        let _ = priced;
+        self.append_once(owner, conversation, reply).await
+    }
+
+    /// The ledger line of an answer that is not stored (the legacy advisor's), durably, where
+    /// the store keeps the ledger.
+    async fn record_cost(&self, record: &UsageRecord<'_>) -> Result<(), StoreError> {
+        let _ = record;
+        Ok(())
     }
 
     /// The message with this id, if the owner's conversation holds it.
