@@ -192,7 +192,25 @@ impl ConversationService {
         let (key, resume) = idempotency.map_or((None, None), |(k, r)| (Some(k), r));
         let ids = key.map(IdempotencyKey::derived_ids);
         let (conversation_id, user_seq) = match resume {
-            Some(resumed) => resumed,
+            Some((conversation_id, user_seq)) => {
+                // Its record may have lost the outcome in a crash while the reply was stored.
+                if let Some(ids) = &ids
+                    && let Some(reply) = self
+                        .store
+                        .find(&turn.owner, &conversation_id, &ids.reply)
+                        .await?
+                {
+                    if let Some(deltas) = &deltas {
+                        deltas.send(&reply.content);
+                    }
+                    return Ok(TurnOutcome::of_stored_reply(
+                        conversation_id,
+                        turn.surface_id,
+                        reply,
+                    ));
+                }
+                (conversation_id, user_seq)
+            }
             None => {
                 let conversation_id = match (turn.conversation_id, &ids) {
                     (Some(id), _) => id,

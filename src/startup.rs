@@ -119,7 +119,7 @@ impl Application {
             responder::from_settings(&settings.llm)?,
             settings.history_messages,
             Arc::clone(&metrics),
-            Arc::new(FileIdempotency::open(data_dir.join("idempotency"))?),
+            Arc::new(FileIdempotency::open(&store)?),
         )
         .with_history_chars(settings.llm.history_chars);
 

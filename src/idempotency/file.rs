@@ -1,15 +1,17 @@
 //! Local mode's idempotency records: one small JSON file per key under `<data>/idempotency/`,
-//! replaced whole (write, fsync, rename) at each step. Records older than 24 h are removed at
-//! start and ignored after.
+//! written through the local store's journal as riders ([`FileStore::keep_idempotency_record`]):
+//! a record costs no flush of its own, and is durable with the next write of a message (the
+//! reply that follows, or the next request's) or at a clean stop. A crash may lose the latest
+//! records; what they guard is still kept, since a keyed turn's messages have ids derived from
+//! the key ([`IdempotencyKey::derived_ids`]): a retry finds its message, and its reply, in the
+//! conversation instead of storing them again. The records written in this run are read from
+//! memory; the files hold those of earlier runs. Records older than 24 h are removed at start
+//! and ignored after.
 
-use std::collections::{HashMap, HashSet};
-use std::fs::{self, File};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::fs;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use anyhow::{Context, anyhow};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -18,7 +20,10 @@ use sha2::{Digest, Sha256};
 use super::{Begin, IdempotencyKey, IdempotencyStore, LEASE, RETENTION};
 use crate::domain::ConversationId;
 use crate::domain::TurnOutcome;
-use crate::store::{StoreError, create_private_dir};
+use crate::store::{FileStore, StoreError, create_private_dir};
+
+/// Records kept in memory before expired ones are looked for.
+const PRUNE_ABOVE: usize = 1024;
 
 #[derive(Clone)]
 pub struct FileIdempotency {
@@ -26,15 +31,12 @@ pub struct FileIdempotency {
 }
 
 struct Inner {
-    dir: PathBuf,
-    /// Serialises the steps of one key (in-process: one server per data folder).
-    locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    /// Records released while their release could not be written (a full disk): their lease
-    /// is over all the same, so that a retry need not wait for it.
-    released: Mutex<HashSet<PathBuf>>,
+    store: FileStore,
+    /// The records written in this run, by file name: the files may not hold them yet.
+    records: Mutex<HashMap<String, Record>>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct Record {
     fingerprint: String,
     created_at: DateTime<Utc>,
@@ -49,12 +51,13 @@ fn expired(created_at: DateTime<Utc>, now: DateTime<Utc>) -> bool {
 }
 
 impl FileIdempotency {
-    /// Opens (creating, mode 0700) the folder and removes records older than 24 h.
-    pub fn open(dir: impl Into<PathBuf>) -> anyhow::Result<Self> {
-        let dir = dir.into();
-        create_private_dir(&dir)?;
+    /// Opens the records of `store`'s data folder (creating the folder, mode 0700) and removes
+    /// those older than 24 h. The store has applied its journal by then.
+    pub fn open(store: &FileStore) -> anyhow::Result<Self> {
+        let dir = store.idempotency_dir();
+        create_private_dir(dir)?;
         let now = Utc::now();
-        for entry in fs::read_dir(&dir)? {
+        for entry in fs::read_dir(dir)? {
             let path = entry?.path();
             let stale = fs::read(&path)
                 .ok()
@@ -66,147 +69,108 @@ impl FileIdempotency {
         }
         Ok(Self {
             inner: Arc::new(Inner {
-                dir,
-                locks: Mutex::new(HashMap::new()),
-                released: Mutex::new(HashSet::new()),
+                store: store.clone(),
+                records: Mutex::new(HashMap::new()),
             }),
         })
     }
 
-    async fn blocking<T: Send + 'static>(
+    /// Changes the record of `key` (`None`: there is none, or it expired) under the lock of
+    /// all records, and keeps what `change` returns as the new record.
+    fn update<T>(
         &self,
         tenant: &str,
         key: &IdempotencyKey,
-        work: impl FnOnce(&Inner, PathBuf, &IdempotencyKey) -> Result<T, StoreError> + Send + 'static,
+        change: impl FnOnce(Option<Record>) -> (T, Option<Record>),
     ) -> Result<T, StoreError> {
-        let inner = Arc::clone(&self.inner);
-        let key = key.clone();
         let name: String = Sha256::digest(format!("{tenant}\n{}", key.key()).as_bytes())
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        tokio::task::spawn_blocking(move || {
-            let lock = Arc::clone(
-                inner
-                    .locks
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(name.clone())
-                    .or_default(),
-            );
-            let _held = lock.lock().unwrap_or_else(|e| e.into_inner());
-            let path = inner.dir.join(format!("{name}.json"));
-            work(&inner, path, &key)
-        })
-        .await
-        .map_err(|e| StoreError::Other(anyhow!("idempotency task failed: {e}")))?
-    }
-}
-
-fn read(path: &PathBuf) -> Result<Option<Record>, StoreError> {
-    match fs::read(path) {
-        Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Replaces the record whole: a crash leaves the old one or the new one, never half.
-fn write(inner: &Inner, path: &PathBuf, record: &Record) -> Result<(), StoreError> {
-    let temp = path.with_extension("tmp");
-    let bytes = serde_json::to_vec(record).context("cannot encode an idempotency record")?;
-    let written = File::options()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temp)
-        .and_then(|mut file| {
-            file.write_all(&bytes)?;
-            file.sync_data()
-        })
-        .and_then(|()| fs::rename(&temp, path));
-    if let Err(e) = written {
-        // E.g. a full disk: no half-written record is left behind.
-        let _ = fs::remove_file(&temp);
-        return Err(e.into());
-    }
-    File::open(&inner.dir)?.sync_all()?;
-    Ok(())
-}
-
-fn update(
-    inner: &Inner,
-    path: &PathBuf,
-    change: impl FnOnce(&mut Record),
-) -> Result<(), StoreError> {
-    match read(path)? {
-        Some(mut record) => {
-            change(&mut record);
-            write(inner, path, &record)
+        let now = Utc::now();
+        let mut records = self.records();
+        if records.len() > PRUNE_ABOVE {
+            records.retain(|_, record| !expired(record.created_at, now));
         }
-        None => Ok(()),
+        let current = match records.get(&name) {
+            Some(record) => Some(record.clone()),
+            None => self.read(&name)?,
+        }
+        .filter(|record| !expired(record.created_at, now));
+        let (answer, new) = change(current);
+        if let Some(record) = new {
+            let bytes = serde_json::to_vec(&record).map_err(|e| {
+                StoreError::Other(anyhow::anyhow!("cannot encode an idempotency record: {e}"))
+            })?;
+            self.inner.store.keep_idempotency_record(&name, bytes);
+            records.insert(name, record);
+        }
+        Ok(answer)
+    }
+
+    fn records(&self) -> MutexGuard<'_, HashMap<String, Record>> {
+        self.inner
+            .records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A record an earlier run left (an unreadable one counts as none).
+    fn read(&self, name: &str) -> Result<Option<Record>, StoreError> {
+        let path = self
+            .inner
+            .store
+            .idempotency_dir()
+            .join(format!("{name}.json"));
+        match fs::read(path) {
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
 #[async_trait]
 impl IdempotencyStore for FileIdempotency {
     async fn begin(&self, tenant: &str, key: &IdempotencyKey) -> Result<Begin, StoreError> {
-        self.blocking(tenant, key, |inner, path, key| {
-            let now = Utc::now();
-            let lease = chrono::Duration::from_std(LEASE).unwrap_or_default();
-            let (begin, record) = match read(&path)? {
-                Some(record) if !expired(record.created_at, now) => {
-                    if record.fingerprint != key.fingerprint() {
-                        return Ok(Begin::Conflict);
-                    }
-                    if let Some(outcome) = record.outcome {
-                        return Ok(Begin::Replay(Box::new(outcome)));
-                    }
-                    let released = inner
-                        .released
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .contains(&path);
-                    if !released && record.locked_until.is_some_and(|until| until > now) {
-                        return Ok(Begin::InProgress);
-                    }
-                    let begin = match (&record.conversation_id, record.user_seq) {
-                        (Some(conversation_id), Some(user_seq)) => Begin::Resume {
-                            conversation_id: conversation_id.clone(),
-                            user_seq,
-                        },
-                        _ => Begin::Fresh,
-                    };
-                    (
-                        begin,
-                        Record {
-                            locked_until: Some(now + lease),
-                            ..record
-                        },
-                    )
+        let now = Utc::now();
+        let lease = chrono::Duration::from_std(LEASE).unwrap_or_default();
+        self.update(tenant, key, |current| match current {
+            Some(record) => {
+                if record.fingerprint != key.fingerprint() {
+                    return (Begin::Conflict, None);
                 }
-                _ => (
-                    Begin::Fresh,
-                    Record {
-                        fingerprint: key.fingerprint().to_owned(),
-                        created_at: now,
-                        locked_until: Some(now + lease),
-                        conversation_id: None,
-                        user_seq: None,
-                        outcome: None,
+                if let Some(outcome) = record.outcome {
+                    return (Begin::Replay(Box::new(outcome)), None);
+                }
+                if record.locked_until.is_some_and(|until| until > now) {
+                    return (Begin::InProgress, None);
+                }
+                let begin = match (&record.conversation_id, record.user_seq) {
+                    (Some(conversation_id), Some(user_seq)) => Begin::Resume {
+                        conversation_id: conversation_id.clone(),
+                        user_seq,
                     },
-                ),
-            };
-            write(inner, &path, &record)?;
-            inner
-                .released
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&path);
-            Ok(begin)
+                    _ => Begin::Fresh,
+                };
+                let record = Record {
+                    locked_until: Some(now + lease),
+                    ..record
+                };
+                (begin, Some(record))
+            }
+            None => (
+                Begin::Fresh,
+                Some(Record {
+                    fingerprint: key.fingerprint().to_owned(),
+                    created_at: now,
+                    locked_until: Some(now + lease),
+                    conversation_id: None,
+                    user_seq: None,
+                    outcome: None,
+                }),
+            ),
         })
-        .await
     }
 
     async fn user_stored(
@@ -216,14 +180,14 @@ impl IdempotencyStore for FileIdempotency {
         conversation: &ConversationId,
         seq: i64,
     ) -> Result<(), StoreError> {
-        let conversation = conversation.clone();
-        self.blocking(tenant, key, move |inner, path, _| {
-            update(inner, &path, |record| {
-                record.conversation_id = Some(conversation);
-                record.user_seq = Some(seq);
-            })
+        self.update(tenant, key, |current| {
+            let changed = current.map(|record| Record {
+                conversation_id: Some(conversation.clone()),
+                user_seq: Some(seq),
+                ..record
+            });
+            ((), changed)
         })
-        .await
     }
 
     async fn complete(
@@ -232,28 +196,23 @@ impl IdempotencyStore for FileIdempotency {
         key: &IdempotencyKey,
         outcome: &TurnOutcome,
     ) -> Result<(), StoreError> {
-        let outcome = outcome.clone();
-        self.blocking(tenant, key, move |inner, path, _| {
-            update(inner, &path, |record| {
-                record.outcome = Some(outcome);
-                record.locked_until = None;
-            })
+        self.update(tenant, key, |current| {
+            let changed = current.map(|record| Record {
+                outcome: Some(outcome.clone()),
+                locked_until: None,
+                ..record
+            });
+            ((), changed)
         })
-        .await
     }
 
     async fn release(&self, tenant: &str, key: &IdempotencyKey) -> Result<(), StoreError> {
-        self.blocking(tenant, key, |inner, path, _| {
-            let released = update(inner, &path, |record| record.locked_until = None);
-            if released.is_err() {
-                inner
-                    .released
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(path);
-            }
-            released
+        self.update(tenant, key, |current| {
+            let changed = current.map(|record| Record {
+                locked_until: None,
+                ..record
+            });
+            ((), changed)
         })
-        .await
     }
 }

@@ -213,6 +213,20 @@ impl FileStore {
         self.inner.journal.close();
     }
 
+    /// Where the idempotency records are (`FileIdempotency`).
+    pub fn idempotency_dir(&self) -> &Path {
+        &self.inner.files.idempotency
+    }
+
+    /// Keeps an idempotency record (file `name`.json in `idempotency_dir`), whole, without a
+    /// flush of its own: it rides with the next journal write, or the clean stop.
+    pub fn keep_idempotency_record(&self, name: &str, bytes: Vec<u8>) {
+        self.inner.journal.ride(Entry::Replace {
+            file: format!("{IDEMPOTENCY}{name}"),
+            bytes,
+        });
+    }
+
     /// Sync's side of the store: what was written here, for the cloud.
     ///
     /// The conversations written here since the last call (cleared by it).
@@ -624,7 +638,7 @@ impl Inner {
             let Some(priced) = &priced else {
                 return Ok(Vec::new());
             };
-            let usage = message.usage.clone().unwrap_or_default();
+            let usage = message.usage.unwrap_or_default();
             let line = ledger_entry(&UsageRecord {
                 ts: message.created_at,
                 request_id: &priced.request_id,

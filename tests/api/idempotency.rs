@@ -155,6 +155,7 @@ async fn local_keys_survive_a_restart() {
     use maestra::domain::TurnOutcome;
     use maestra::domain::{ConversationId, SurfaceId, Usage};
     use maestra::idempotency::{Begin, FileIdempotency, IdempotencyKey, IdempotencyStore};
+    use maestra::store::FileStore;
 
     let dir = tempfile::tempdir().unwrap();
     let key = IdempotencyKey::parse("k", &json!({"message": "hi"})).unwrap();
@@ -169,13 +170,22 @@ async fn local_keys_survive_a_restart() {
         created_at: chrono::Utc::now(),
         provider_ms: 1.0,
     };
+    let open_store = || {
+        FileStore::open(
+            dir.path().join("conversations"),
+            &dir.path().join("journal"),
+            20,
+        )
+        .unwrap()
+    };
     {
-        let store = FileIdempotency::open(dir.path()).unwrap();
+        let store = FileIdempotency::open(&open_store()).unwrap();
         assert_eq!(store.begin("local", &key).await.unwrap(), Begin::Fresh);
         assert_eq!(store.begin("local", &key).await.unwrap(), Begin::InProgress);
         store.complete("local", &key, &outcome).await.unwrap();
     }
-    let reopened = FileIdempotency::open(dir.path()).unwrap();
+    // The records rode to the journal, and were written at the clean stop.
+    let reopened = FileIdempotency::open(&open_store()).unwrap();
     assert_eq!(
         reopened.begin("local", &key).await.unwrap(),
         Begin::Replay(Box::new(outcome))
