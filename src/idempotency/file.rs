@@ -115,7 +115,8 @@ impl FileIdempotency {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A record an earlier run left (an unreadable one counts as none).
+    /// A record an earlier run left (an unreadable one counts as none). Its lease ended with
+    /// that run: one server uses a data folder at a time.
     fn read(&self, name: &str) -> Result<Option<Record>, StoreError> {
         let path = self
             .inner
@@ -123,7 +124,10 @@ impl FileIdempotency {
             .idempotency_dir()
             .join(format!("{name}.json"));
         match fs::read(path) {
-            Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok().map(|record| Record {
+                locked_until: None,
+                ..record
+            })),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
         }

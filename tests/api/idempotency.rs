@@ -5,7 +5,9 @@ use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::fake_provider::{FakeProvider, Step};
-use crate::helpers::{TEST_MODEL, all_messages, spawn_app_with_provider, spawn_cloud_app};
+use crate::helpers::{
+    ServerProcess, TEST_MODEL, all_messages, spawn_app_with_provider, spawn_cloud_app,
+};
 
 fn body(conversation: &str, text: &str) -> Value {
     json!({"user_id": "ana", "surface_id": "cli", "conversation_id": conversation, "message": text})
@@ -198,5 +200,77 @@ async fn local_keys_survive_a_restart() {
     assert_eq!(
         reopened.begin("another-tenant", &other).await.unwrap(),
         Begin::Fresh
+    );
+}
+
+/// The vars of a local server process whose provider is `provider`.
+fn process_vars(provider: &FakeProvider) -> Vec<(&str, &str)> {
+    vec![
+        ("MAESTRA_LLM_BASE_URL", provider.base_url.as_str()),
+        ("MAESTRA_LLM_MODEL", TEST_MODEL),
+        ("MAESTRA_LLM_API_KEY", "sk-test"),
+        ("MAESTRA_LLM_REQUEST_TIMEOUT", "60"),
+    ]
+}
+
+#[tokio::test]
+async fn local_a_retry_after_a_crash_stores_the_message_and_the_reply_once() {
+    let data = tempfile::tempdir().unwrap();
+    let request = body("conv_crash", "Hello once");
+
+    // The server dies while the model is still answering: the user's message is stored, and
+    // its key's record (which rides with the next write) may or may not be.
+    let slow = FakeProvider::start(Step::Delay(
+        std::time::Duration::from_secs(60),
+        Box::new(Step::Reply("too late".to_owned())),
+    ))
+    .await;
+    let mut server = ServerProcess::start(data.path(), &process_vars(&slow)).await;
+    let base = server.url("");
+    let pending = tokio::spawn(async move {
+        post(&base, None, "crash-key", &body("conv_crash", "Hello once"))
+            .await
+            .status()
+    });
+    while slow.received().is_empty() {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    server.kill_hard();
+    let _ = pending.await;
+
+    // The retry, on the restarted server, is answered; the message is there once.
+    let fast = FakeProvider::start(Step::Reply("Answered.".to_owned())).await;
+    let mut server = ServerProcess::start(data.path(), &process_vars(&fast)).await;
+    let retried = post(&server.url(""), None, "crash-key", &request).await;
+    assert_eq!(retried.status(), 200);
+    let retried: Value = retried.json().await.unwrap();
+    assert_eq!(retried["reply"], "Answered.");
+    let messages = all_messages(&server.url(""), None, "conv_crash").await;
+    let roles: Vec<&str> = messages
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["user", "assistant"], "{messages:#?}");
+
+    // Killed again right after answering, before anything else was written: the key's
+    // outcome may be lost, but a repeat finds the stored reply without asking the model.
+    server.kill_hard();
+    let asked = fast.received().len();
+    let server = ServerProcess::start(data.path(), &process_vars(&fast)).await;
+    let repeated = post(&server.url(""), None, "crash-key", &request).await;
+    assert_eq!(repeated.status(), 200);
+    let repeated: Value = repeated.json().await.unwrap();
+    assert_eq!(repeated["message_id"], retried["message_id"]);
+    assert_eq!(repeated["reply"], "Answered.");
+    assert_eq!(
+        fast.received().len(),
+        asked,
+        "the model was not asked again"
+    );
+    assert_eq!(
+        all_messages(&server.url(""), None, "conv_crash")
+            .await
+            .len(),
+        2
     );
 }

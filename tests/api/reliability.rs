@@ -10,8 +10,12 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
+use chrono::{DateTime, Utc};
+
+use crate::fake_provider::{FakeProvider, Step};
 use crate::helpers::{
-    ServerProcess, TEST_API_KEY, TcpProxy, all_messages, database_url, spawn_cloud_app_at,
+    ServerProcess, TEST_API_KEY, TEST_LLM_API_KEY, TEST_MODEL, TEST_PRICE_INPUT, TEST_PRICE_OUTPUT,
+    TcpProxy, all_messages, database_url, maestra_command, spawn_cloud_app_at,
 };
 
 const CONVERSATIONS: [&str; 2] = ["conv_shared_0", "conv_shared_1"];
@@ -189,6 +193,79 @@ async fn local_crash_that_also_loses_unflushed_file_writes_loses_no_acknowledged
     }
     let server = ServerProcess::start(data.path(), &[]).await;
     assert_all_kept(&server.url(""), None, &acknowledged).await;
+}
+
+#[tokio::test]
+async fn local_sigkill_under_load_leaves_every_stored_reply_exactly_one_ledger_line() {
+    let provider = FakeProvider::start(Step::Reply("Priced.".to_owned())).await;
+    let vars = [
+        ("MAESTRA_LLM_BASE_URL", provider.base_url.as_str()),
+        ("MAESTRA_LLM_MODEL", TEST_MODEL),
+        ("MAESTRA_LLM_API_KEY", TEST_LLM_API_KEY),
+        ("MAESTRA_LLM_PRICE_INPUT", TEST_PRICE_INPUT),
+        ("MAESTRA_LLM_PRICE_OUTPUT", TEST_PRICE_OUTPUT),
+    ];
+    let data = tempfile::tempdir().unwrap();
+    for _ in 0..3 {
+        let mut server = ServerProcess::start(data.path(), &vars).await;
+        let load = Load::start(&server.url(""), None, false);
+        load.until_acknowledged(100).await;
+        server.kill_hard();
+        load.finish().await;
+    }
+
+    let server = ServerProcess::start(data.path(), &vars).await;
+    let mut replies = HashMap::new();
+    for conversation in CONVERSATIONS {
+        for message in all_messages(&server.url(""), None, conversation).await {
+            if message["role"] == "assistant" {
+                let at: DateTime<Utc> = message["created_at"].as_str().unwrap().parse().unwrap();
+                let cost = message["usage"]["cost_usd"].as_f64().unwrap();
+                assert!(cost > 0.0, "{message}");
+                replies.insert((conversation.to_owned(), at), cost);
+            }
+        }
+    }
+    let ledger = std::fs::read_to_string(data.path().join("maestra_metrics.jsonl")).unwrap();
+    let mut priced = HashMap::new();
+    for line in ledger.lines() {
+        let line: Value = serde_json::from_str(line).expect("every ledger line is whole JSON");
+        let reply = (
+            line["conversation_id"].as_str().unwrap().to_owned(),
+            line["ts"]
+                .as_str()
+                .unwrap()
+                .parse::<DateTime<Utc>>()
+                .unwrap(),
+        );
+        assert!(
+            replies.contains_key(&reply),
+            "a ledger line for a reply that is not stored: {line}"
+        );
+        assert!(
+            priced
+                .insert(reply, line["cost_usd"].as_f64().unwrap())
+                .is_none(),
+            "two ledger lines for one reply: {line}"
+        );
+    }
+    assert!(replies.len() >= 300, "{} replies stored", replies.len());
+    assert_eq!(priced, replies, "every stored reply has its ledger line");
+
+    let usage = maestra_command(data.path(), &[])
+        .args(["usage", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(usage.status.success());
+    let usage: Value = serde_json::from_slice(&usage.stdout).unwrap();
+    assert_eq!(usage["total"]["requests"], replies.len(), "{usage}");
+    let total: f64 = replies.values().sum();
+    let reported = usage["total"]["cost_usd"].as_f64().unwrap();
+    assert!(
+        (reported - total).abs() < 1e-6,
+        "usage says {reported}, the replies cost {total}"
+    );
 }
 
 /// A free port right now, for a server that takes a fixed port (cloud mode).
