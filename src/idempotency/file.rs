@@ -22,7 +22,8 @@ use crate::domain::ConversationId;
 use crate::domain::TurnOutcome;
 use crate::store::{FileStore, StoreError, create_private_dir};
 
-/// Records kept in memory before expired ones are looked for.
+/// Records kept in memory before expired ones are first looked for; after that, whenever they
+/// have doubled since.
 const PRUNE_ABOVE: usize = 1024;
 
 #[derive(Clone)]
@@ -33,7 +34,13 @@ pub struct FileIdempotency {
 struct Inner {
     store: FileStore,
     /// The records written in this run, by file name: the files may not hold them yet.
-    records: Mutex<HashMap<String, Record>>,
+    records: Mutex<Records>,
+}
+
+struct Records {
+    by_name: HashMap<String, Record>,
+    /// How many there may be before the expired ones are dropped.
+    prune_above: usize,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -70,7 +77,10 @@ impl FileIdempotency {
         Ok(Self {
             inner: Arc::new(Inner {
                 store: store.clone(),
-                records: Mutex::new(HashMap::new()),
+                records: Mutex::new(Records {
+                    by_name: HashMap::new(),
+                    prune_above: PRUNE_ABOVE,
+                }),
             }),
         })
     }
@@ -89,10 +99,13 @@ impl FileIdempotency {
             .collect();
         let now = Utc::now();
         let mut records = self.records();
-        if records.len() > PRUNE_ABOVE {
-            records.retain(|_, record| !expired(record.created_at, now));
+        if records.by_name.len() > records.prune_above {
+            records
+                .by_name
+                .retain(|_, record| !expired(record.created_at, now));
+            records.prune_above = PRUNE_ABOVE.max(records.by_name.len() * 2);
         }
-        let current = match records.get(&name) {
+        let current = match records.by_name.get(&name) {
             Some(record) => Some(record.clone()),
             None => self.read(&name)?,
         }
@@ -103,12 +116,12 @@ impl FileIdempotency {
                 StoreError::Other(anyhow::anyhow!("cannot encode an idempotency record: {e}"))
             })?;
             self.inner.store.keep_idempotency_record(&name, bytes);
-            records.insert(name, record);
+            records.by_name.insert(name, record);
         }
         Ok(answer)
     }
 
-    fn records(&self) -> MutexGuard<'_, HashMap<String, Record>> {
+    fn records(&self) -> MutexGuard<'_, Records> {
         self.inner
             .records
             .lock()

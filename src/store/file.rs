@@ -1241,12 +1241,7 @@ impl StoreFiles {
                 Entry::Append { bytes, .. } => {
                     let lines = match &mut ledger_lines {
                         Some(lines) => lines,
-                        None => ledger_lines.insert(
-                            fs::read(&path)?
-                                .split_inclusive(|&b| b == b'\n')
-                                .map(<[u8]>::to_vec)
-                                .collect(),
-                        ),
+                        None => ledger_lines.insert(self.ledger_lines()?),
                     };
                     if lines.insert(bytes.clone()) {
                         (&self.ledger).write_all(bytes)?;
@@ -1266,6 +1261,26 @@ impl StoreFiles {
             "applied the store's journal left by a run that did not stop cleanly"
         );
         Ok(())
+    }
+}
+
+impl StoreFiles {
+    /// The ledger's whole lines, after cutting off a torn last one: every line comes from a
+    /// journal record, so one torn by a crash is still in the journal, and written again.
+    fn ledger_lines(&self) -> io::Result<HashSet<Vec<u8>>> {
+        let bytes = fs::read(&self.ledger_path)?;
+        let whole = bytes
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |end| end + 1);
+        if whole < bytes.len() {
+            tracing::warn!("dropping a torn last line of the ledger");
+            self.ledger.set_len(whole as u64)?;
+        }
+        Ok(bytes[..whole]
+            .split_inclusive(|&b| b == b'\n')
+            .map(<[u8]>::to_vec)
+            .collect())
     }
 }
 
@@ -1584,6 +1599,103 @@ mod tests {
         assert!(!conversations.join("conv_c.json").exists());
         let next = store.append(&ana, &id("conv_a"), say("a3")).await.unwrap();
         assert_eq!(next.seq, 3);
+    }
+
+    #[tokio::test]
+    async fn a_reply_and_its_ledger_line_come_back_together_and_once_after_a_crash() {
+        let (data, conversations, journal) = folders();
+        let ledger = data.path().join(LEDGER_FILE);
+        let ledger_lines = || -> Vec<serde_json::Value> {
+            fs::read_to_string(&ledger)
+                .unwrap()
+                .lines()
+                .map(|line| serde_json::from_str(line).unwrap())
+                .collect()
+        };
+        let store = FileStore::open(&conversations, &journal, 20).unwrap();
+        let ana = owner();
+        store.append(&ana, &id("conv_a"), say("hi")).await.unwrap();
+        let reply = NewMessage::from_assistant(
+            SurfaceId::parse("cli").unwrap(),
+            "hello".to_owned(),
+            "m".to_owned(),
+            crate::domain::Usage {
+                prompt_tokens: 3,
+                completion_tokens: 4,
+                cost_usd: 0.25,
+            },
+        );
+        let priced = Priced {
+            request_id: "req_1".into(),
+            user_id: ana.user_id.clone(),
+            surface_id: "cli".into(),
+            latency_ms: 12.0,
+        };
+        let stored = store
+            .append_reply(&ana, &id("conv_a"), reply, priced.clone())
+            .await
+            .unwrap()
+            .message;
+        let written = ledger_lines();
+        assert_eq!(written.len(), 1);
+        assert_eq!(written[0]["cost_usd"], 0.25);
+        assert_eq!(written[0]["conversation_id"], "conv_a");
+        assert_eq!(
+            written[0]["ts"]
+                .as_str()
+                .unwrap()
+                .parse::<DateTime<Utc>>()
+                .unwrap(),
+            stored.created_at
+        );
+        store.inner.journal.abandon();
+        drop(store);
+
+        // A power cut: the reply's line gone from the conversation, the ledger's torn.
+        let file = conversations.join("conv_a.json");
+        let whole = fs::read(&file).unwrap();
+        let first_two = whole.iter().filter(|&&b| b == b'\n').take(2).count();
+        assert_eq!(first_two, 2);
+        let cut = whole
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .nth(1)
+            .unwrap()
+            .0
+            + 1;
+        OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_len(cut as u64)
+            .unwrap();
+        let line = fs::read(&ledger).unwrap();
+        fs::write(&ledger, &line[..line.len() / 2]).unwrap();
+
+        let store = FileStore::open(&conversations, &journal, 20).unwrap();
+        assert_eq!(
+            contents(&store, "conv_a").await,
+            [(1, "hi".to_owned()), (2, "hello".to_owned())]
+        );
+        assert_eq!(ledger_lines(), written, "the line whole, once");
+
+        // Another reply, then a crash that lost nothing: its line, there already, stays once.
+        let again = NewMessage::from_assistant(
+            SurfaceId::parse("cli").unwrap(),
+            "again".to_owned(),
+            "m".to_owned(),
+            crate::domain::Usage::default(),
+        );
+        store
+            .append_reply(&ana, &id("conv_a"), again, priced)
+            .await
+            .unwrap();
+        store.inner.journal.abandon();
+        drop(store);
+        let store = FileStore::open(&conversations, &journal, 20).unwrap();
+        assert_eq!(ledger_lines().len(), 2);
+        assert_eq!(contents(&store, "conv_a").await.len(), 3);
     }
 
     #[tokio::test]

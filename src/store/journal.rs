@@ -549,7 +549,7 @@ impl Journal {
             return;
         }
         let mut state = lock(&self.shared.state);
-        if !state.stopping {
+        if !state.stopping && state.failure.is_none() {
             state.riding.push(entry);
         }
     }
