@@ -664,7 +664,9 @@ impl Journal {
                 let (_, written) = lock(&self.shared.writer).write(&self.shared, &riders);
                 state = lock(&self.shared.state);
                 if let Err(e) = written {
-                    tracing::warn!(error = %e, "entries left unwritten at close");
+                    // What the disk holds is not known: the next start applies the journal.
+                    tracing::error!(error = %e, "the store's journal cannot be written");
+                    state.failure = Some(format!("the store's journal cannot be written: {e}"));
                 }
             }
             state.checkpointer_done = true;
