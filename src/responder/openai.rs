@@ -260,7 +260,11 @@ impl OpenAiResponder {
             if received > MAX_ANSWER_BYTES {
                 return Err(Failure::provider("its answer was too large"));
             }
-            for data in parser.feed(&chunk) {
+            let events = parser.feed(&chunk).map_err(|e| {
+                tracing::warn!(error = %e, "the model provider's stream holds an oversized event");
+                Failure::provider("its stream could not be read (an event too large)")
+            })?;
+            for data in events {
                 if data.trim() == "[DONE]" {
                     done = true;
                     break;
