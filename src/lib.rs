@@ -10,6 +10,9 @@ pub mod commands;
 pub mod config;
 pub mod db;
 pub mod domain;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod idempotency;
 pub mod mcp;
 pub mod metrics;

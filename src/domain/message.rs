@@ -106,7 +106,10 @@ pub fn conversation_order(messages: &mut [Message]) {
 pub fn next_created_at(last: Option<DateTime<Utc>>) -> DateTime<Utc> {
     let now = to_micros(Utc::now());
     match last {
-        Some(last) if last >= now => last + chrono::Duration::microseconds(1),
+        // The clock's end (a damaged file's time) stays where it is rather than overflow.
+        Some(last) if last >= now => last
+            .checked_add_signed(chrono::Duration::microseconds(1))
+            .unwrap_or(last),
         _ => now,
     }
 }

@@ -19,6 +19,8 @@ use crate::domain::{ConversationId, Message, Usage};
 
 pub use offline::OfflineResponder;
 pub use openai::OpenAiResponder;
+#[cfg(fuzzing)]
+pub use sse::SseParser;
 
 /// What the model sees: the conversation's recent history, oldest first, ending with the
 /// user's new message, whichever surfaces wrote it.

@@ -260,7 +260,11 @@ impl OpenAiResponder {
             if received > MAX_ANSWER_BYTES {
                 return Err(Failure::provider("its answer was too large"));
             }
-            for data in parser.feed(&chunk) {
+            let events = parser.feed(&chunk).map_err(|e| {
+                tracing::warn!(error = %e, "the model provider's stream holds an oversized event");
+                Failure::provider("its stream could not be read (an event too large)")
+            })?;
+            for data in events {
                 if data.trim() == "[DONE]" {
                     done = true;
                     break;
@@ -519,5 +523,80 @@ mod tests {
             "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
         );
         assert_eq!(retry_after(&headers), None);
+    }
+
+    /// A provider that answers a stream whose first line never ends: the reply fails as the
+    /// provider's error (502 at the API) once the line passes the parser's limit, long before
+    /// the answer's.
+    #[tokio::test]
+    async fn a_stream_line_that_never_ends_is_the_providers_error() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let provider = std::thread::spawn(move || {
+            let (mut socket, _) = listener.accept().unwrap();
+            // Once the client gives up reading, writing fails, at the latest after this.
+            socket
+                .set_write_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            // The request: its head, then as many bytes as its Content-Length says.
+            let mut request = Vec::new();
+            let mut buffer = [0; 4096];
+            let (head, body) = loop {
+                let n = socket.read(&mut buffer).unwrap();
+                assert!(n > 0, "the request ended early");
+                request.extend_from_slice(&buffer[..n]);
+                if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&request[..end]).to_lowercase();
+                    break (head, request.len() - end - 4);
+                }
+            };
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            let mut left = length.saturating_sub(body);
+            while left > 0 {
+                left -= socket.read(&mut buffer).unwrap();
+            }
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\ndata: ")
+                .unwrap();
+            let piece = [b'a'; 64 << 10];
+            let mut sent = 0;
+            while socket.write_all(&piece).is_ok() && sent < MAX_ANSWER_BYTES {
+                sent += piece.len();
+            }
+        });
+        let responder = OpenAiResponder::new(&ProviderSettings {
+            base_url: format!("http://{address}/v1"),
+            api_key: None,
+            model: "m".into(),
+            system_prompt: String::new(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            max_retries: 0,
+            prices: Default::default(),
+        })
+        .unwrap();
+        let history = [message(1, Role::User, "hi")];
+        let prompt = Prompt {
+            conversation_id: None,
+            history: &history,
+        };
+        let (deltas, _pieces) = Deltas::channel();
+        let error = responder
+            .reply_streaming(prompt, &deltas)
+            .await
+            .unwrap_err();
+        drop(responder);
+        assert!(
+            matches!(&error, ResponderError::Provider(reason) if reason.contains("an event too large")),
+            "{error:?}"
+        );
+        // Joined off the runtime, which goes on closing the connection meanwhile.
+        tokio::task::spawn_blocking(move || provider.join().unwrap())
+            .await
+            .unwrap();
     }
 }

@@ -1107,7 +1107,8 @@ impl OpenConversation {
     /// Takes a message just stored (or read) into account; one with a seq already known
     /// stands for the earlier copy.
     fn remember(&mut self, message: Message, keep: usize) {
-        self.next_seq = self.next_seq.max(message.seq + 1);
+        // Saturating: a damaged or hand-edited file may hold any seq at all.
+        self.next_seq = self.next_seq.max(message.seq.saturating_add(1));
         self.last_created_at = self.last_created_at.max(Some(message.created_at));
         if self.ids.get(&message.id) == Some(&message.seq) {
             self.replaced = true;
@@ -1359,7 +1360,15 @@ fn restore(path: &Path, offset: u64, bytes: &[u8]) -> io::Result<bool> {
         }
         Err(e) => return Err(e),
     };
-    if file.metadata()?.len() >= offset + bytes.len() as u64 {
+    let file_len = file.metadata()?.len();
+    if offset > file_len {
+        // Every write starts where the file then ended, and the journal's writes are applied
+        // in order: one beyond the end is damage whose checksum happened to match. Written, it
+        // would leave a hole, possibly of terabytes, for loading to read.
+        tracing::warn!(file = %path.display(), offset, "skipping a journal entry beyond its file's end");
+        return Ok(false);
+    }
+    if file_len >= offset.saturating_add(bytes.len() as u64) {
         let mut present = vec![0; bytes.len()];
         file.read_exact_at(&mut present, offset)?;
         if present == bytes {
@@ -1508,6 +1517,30 @@ fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     file.write_all_at(bytes, 0)?;
     file.set_len(bytes.len() as u64)?;
     Ok(())
+}
+
+/// For the fuzz targets (fuzz/, `super::fuzzing`): a conversation file loaded as the store
+/// opens it, then read back as history and sync read it; the length of its whole records, or
+/// `None` when it holds no conversation.
+#[cfg(fuzzing)]
+pub(super) fn load_for_fuzzing(path: &Path, keep_recent: usize) -> Result<Option<u64>, StoreError> {
+    let Some(open) = load(path, keep_recent)? else {
+        return Ok(None);
+    };
+    read_header(path)?;
+    read_all(path, open.len)?;
+    let recent = open.cached_recent(keep_recent).unwrap_or_default();
+    assert!(
+        recent.len() <= keep_recent,
+        "more recent messages kept than asked"
+    );
+    Ok(Some(open.len))
+}
+
+/// For the journal_replay fuzz target: [`apply_recovered`].
+#[cfg(fuzzing)]
+pub(super) fn apply_for_fuzzing(dir: &Path, entries: &[Entry]) -> io::Result<()> {
+    apply_recovered(dir, entries)
 }
 
 #[cfg(test)]
@@ -1932,5 +1965,56 @@ mod tests {
         assert!(again.created_at > deletion.deleted_at);
         let (written, _) = store.deletions().since(0).unwrap();
         assert_eq!(written, [deletion]);
+    }
+
+    const HEADER_LINE: &[u8] = b"{\"type\":\"conversation\",\"conversation_id\":\"conv_a\",\"tenant\":\"local\",\"user_id\":\"ana\",\"created_at\":\"2026-12-07T18:00:00Z\"}\n";
+
+    /// Found by the journal_replay fuzz target (fuzz/): a write whose checksum matched but whose
+    /// offset (0x7b00000000000000 there) lay far beyond its file's end left a hole, terabytes
+    /// on a file system with sparse files, that loading then read into memory (out of memory).
+    #[test]
+    fn a_journal_write_beyond_its_files_end_is_skipped_not_a_hole() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |offset: u64, bytes: &[u8]| Entry::Write {
+            conversation: "conv_a".into(),
+            offset,
+            bytes: bytes.to_vec(),
+        };
+        let line = b"{\"type\":\"message\"}\n";
+        let entries = [
+            write(0, HEADER_LINE),
+            write(0x7b00_0000_0000_0000, line),
+            write(u64::MAX, line),
+            write(HEADER_LINE.len() as u64 + 1, line),
+            write(HEADER_LINE.len() as u64, line), // where the file ends: written
+        ];
+        apply_recovered(dir.path(), &entries).unwrap();
+        let path = file_path(dir.path(), "conv_a");
+        assert_eq!(fs::read(&path).unwrap(), [HEADER_LINE, line].concat());
+        assert_eq!(
+            load(&path, 4).unwrap().map(|open| open.len),
+            Some((HEADER_LINE.len() + line.len()) as u64)
+        );
+    }
+
+    /// Found with the conversation_file fuzz target's harness (fuzz/): a damaged file holding
+    /// the largest seq overflowed the next one (a panic with overflow checks, a negative seq
+    /// without).
+    #[test]
+    fn a_file_holding_the_largest_seq_and_time_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = file_path(dir.path(), "conv_a");
+        let message = format!(
+            "{{\"type\":\"message\",\"id\":\"m\",\"seq\":9223372036854775807,\"role\":\"user\",\
+             \"surface_id\":\"cli\",\"content\":\"hi\",\"created_at\":{}}}\n",
+            serde_json::to_string(&DateTime::<Utc>::MAX_UTC).unwrap()
+        );
+        fs::write(&path, [HEADER_LINE, message.as_bytes()].concat()).unwrap();
+        let open = load(&path, 4).unwrap().unwrap();
+        assert_eq!(open.next_seq, i64::MAX);
+        // The next message's time after the clock's last one: not an overflow either.
+        let last = open.last_created_at;
+        assert!(last.is_some());
+        assert_eq!(Some(next_created_at(last)), last);
     }
 }

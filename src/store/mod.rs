@@ -3,6 +3,8 @@
 
 pub mod deletions;
 mod file;
+#[cfg(fuzzing)]
+pub(crate) mod fuzzing;
 mod journal;
 mod measured;
 mod postgres;
