@@ -1537,10 +1537,11 @@ pub(super) fn load_for_fuzzing(path: &Path, keep_recent: usize) -> Result<Option
     Ok(Some(open.len))
 }
 
-/// For the journal_replay fuzz target: [`apply_recovered`].
+/// For the journal_replay fuzz target: what opening the store applies of the journal, the
+/// ledger and idempotency records beside `dir` included.
 #[cfg(fuzzing)]
 pub(super) fn apply_for_fuzzing(dir: &Path, entries: &[Entry]) -> io::Result<()> {
-    apply_recovered(dir, entries)
+    StoreFiles::new(dir)?.apply_recovered(entries)
 }
 
 #[cfg(test)]
@@ -1974,9 +1975,11 @@ mod tests {
     /// on a file system with sparse files, that loading then read into memory (out of memory).
     #[test]
     fn a_journal_write_beyond_its_files_end_is_skipped_not_a_hole() {
-        let dir = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().join("conversations");
+        fs::create_dir(&dir).unwrap();
         let write = |offset: u64, bytes: &[u8]| Entry::Write {
-            conversation: "conv_a".into(),
+            file: "conv_a".into(),
             offset,
             bytes: bytes.to_vec(),
         };
@@ -1988,8 +1991,11 @@ mod tests {
             write(HEADER_LINE.len() as u64 + 1, line),
             write(HEADER_LINE.len() as u64, line), // where the file ends: written
         ];
-        apply_recovered(dir.path(), &entries).unwrap();
-        let path = file_path(dir.path(), "conv_a");
+        StoreFiles::new(&dir)
+            .unwrap()
+            .apply_recovered(&entries)
+            .unwrap();
+        let path = file_path(&dir, "conv_a");
         assert_eq!(fs::read(&path).unwrap(), [HEADER_LINE, line].concat());
         assert_eq!(
             load(&path, 4).unwrap().map(|open| open.len),
