@@ -1,12 +1,13 @@
 //! Local mode's idempotency records: one small JSON file per key under `<data>/idempotency/`,
 //! written through the local store's journal as riders ([`FileStore::keep_idempotency_record`]):
-//! a record costs no flush of its own, and is durable with the next write of a message (the
-//! reply that follows, or the next request's) or at a clean stop. A crash may lose the latest
-//! records; what they guard is still kept, since a keyed turn's messages have ids derived from
-//! the key ([`IdempotencyKey::derived_ids`]): a retry finds its message, and its reply, in the
-//! conversation instead of storing them again. The records written in this run are read from
-//! memory; the files hold those of earlier runs. Records older than 24 h are removed at start
-//! and ignored after.
+//! a record costs no flush of its own, and is journaled with the next write of a message (the
+//! reply that follows, or the next request's) or at a clean stop; its file is not flushed at
+//! checkpoints either. A crash may lose the latest records (a power cut, any; one it left
+//! unreadable counts as none). What they guard is still kept, since a keyed turn's messages
+//! have ids derived from the key ([`IdempotencyKey::derived_ids`]): a retry finds its message,
+//! and its reply, in the conversation instead of storing them again. The records written in
+//! this run are read from memory; the files hold those of earlier runs. Records older than
+//! 24 h are removed at start and ignored after.
 
 use std::collections::HashMap;
 use std::fs;
