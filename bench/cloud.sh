@@ -35,6 +35,10 @@ pgbench_line=$(BENCH_BUILT=1 PGBENCH_DATABASE_URL=$DATABASE_URL CLIENTS=$CONNECT
   "$BENCH_ROOT/bench/pgbench.sh")
 echo "$pgbench_line"
 read -r pg_tps pg_p99 < <(sed -E 's/.*: ([0-9]+) TPS, p50 [0-9.]+ ms, p99 ([0-9.]+) ms.*/\1 \2/' <<<"$pgbench_line")
+# The lean model of the same contract (issue 17), in a database of its own.
+lean_line=$(CLIENTS=$CONNECTIONS "$BENCH_ROOT/bench/lean.sh")
+echo "$lean_line"
+read -r lean_tps lean_p99 < <(sed -E 's/.*: ([0-9]+) TPS, p50 [0-9.]+ ms, p99 ([0-9.]+) ms.*/\1 \2/' <<<"$lean_line")
 
 printf 'scenario\treq/s\tp50 ms\tp99 ms\terrors\n'
 # Cloud /health makes one Postgres round trip per call: not the HTTP floor (see bench/local.sh).
@@ -42,6 +46,7 @@ oha_run "cloud /health" -c "$CONNECTIONS" "$url/health"
 
 loads=()
 cpu0=$(cpu_seconds "$server"); pg0=$(postgres_cpu_seconds); all0=$(machine_busy_seconds)
+lsn0=$(wal_lsn "$DATABASE_URL"); read -r x0 ins0 upd0 hot0 <<<"$(db_counters "$DATABASE_URL")"
 for i in 0 1 2; do
   oha --no-tui --output-format json -z "$DURATION" -c "${conns[$i]}" -m POST \
     -H 'Content-Type: application/json' -H "X-API-Key: ${keys[$i]}" \
@@ -50,6 +55,7 @@ for i in 0 1 2; do
 done
 for pid in "${loads[@]}"; do wait "$pid"; done
 cpu1=$(cpu_seconds "$server"); pg1=$(postgres_cpu_seconds); all1=$(machine_busy_seconds)
+lsn1=$(wal_lsn "$DATABASE_URL"); read -r x1 ins1 upd1 hot1 <<<"$(db_counters "$DATABASE_URL")"
 
 # The three runs as one: rates add up, latencies are the worst of the three.
 jq -s '{
@@ -74,9 +80,19 @@ awk -v m0="$cpu0" -v m1="$cpu1" -v p0="$pg0" -v p1="$pg1" -v a0="$all0" -v a1="$
     a, m, 100 * m / a, p, 100 * p / a, a - m - p, 100 * (a - m - p) / a }'
 awk -v c="$(col 2 "$core")" -v cp="$(col 4 "$core")" -v t="$pg_tps" -v tp="$pg_p99" 'BEGIN {
   printf "ratios: core / pgbench TPS %.2f, core p99 / pgbench p99 %.2f\n", c / t, cp / tp }'
+awk -v c="$(col 2 "$core")" -v cp="$(col 4 "$core")" -v t="$lean_tps" -v tp="$lean_p99" 'BEGIN {
+  printf "ratios: core / lean model TPS %.2f, core p99 / lean model p99 %.2f\n", c / t, cp / tp }'
+# Per answered core request (2xx), in this database: WAL, transactions, rows written.
+answered=$(jq '[.statusCodeDistribution | to_entries[] | select(.key | test("^2")) | .value] | add // 0' "$bench_work/core.json")
+read -r wal _ < <(wal_bytes "$DATABASE_URL" "$lsn0" "$lsn1")
+awk -v n="$answered" -v w="$wal" -v x="$((x1 - x0))" -v i="$((ins1 - ins0))" -v u="$((upd1 - upd0))" \
+  -v h="$((hot1 - hot0))" 'BEGIN { n = n > 0 ? n : 1
+  printf "per core request: %.0f WAL bytes, %.2f commits, %.2f rows inserted, %.2f updated (%.2f HOT)\n",
+    w / n, x / n, i / n, u / n, h / n }'
 grep -m3 -E '"level":"(WARN|ERROR)"' "$bench_work/cloud.log" | cut -c1-300 || true
 
 bench_result cloud_core_rps "$(col 2 "$core")"
+bench_result cloud_core_wal_per_request "$(awk -v w="$wal" -v n="$answered" 'BEGIN { printf "%.0f", w / (n > 0 ? n : 1) }')"
 bench_result cloud_core_p50 "$(col 3 "$core")"
 bench_result cloud_core_p99 "$(col 4 "$core")"
 bench_result cloud_core_errors "$(col 5 "$core")"

@@ -101,11 +101,16 @@ bench_database maestra_growth
 export DATABASE_URL=$db_url
 key=$("$MAESTRA" keys create --tenant growth --rate-limit 100000000/60 2>/dev/null)
 psql -q "$DATABASE_URL" <<SQL
-INSERT INTO conversations (id, tenant_id, user_id, last_seq)
-  VALUES ('conv_growth_long', 'growth', 'bench', $LONG), ('conv_growth_short', 'growth', 'bench', $SHORT);
-INSERT INTO messages (conversation_id, seq, id, role, surface_id, content)
-  SELECT c.id, g, c.id || '_' || g, CASE WHEN g % 2 = 1 THEN 'user' ELSE 'assistant' END, 'cli',
-         'message ' || g || ': a line of ordinary length, like a short question or answer.'
+INSERT INTO owners (tenant_id, user_id, feed_head) VALUES ('growth', 'bench', $LONG + $SHORT);
+INSERT INTO conversations (id, tenant_id, user_id, owner_id, last_seq, last_created_at)
+  SELECT v.id, 'growth', 'bench', o.id, v.n, now()
+  FROM owners o, (VALUES ('conv_growth_long', $LONG), ('conv_growth_short', $SHORT)) AS v (id, n)
+  WHERE o.tenant_id = 'growth' AND o.user_id = 'bench';
+INSERT INTO messages (conversation_pk, seq, id, role, surface_id, content, created_at, owner_id, feed_seq)
+  SELECT c.pk, g, c.id || '_' || g, CASE WHEN g % 2 = 1 THEN 'user' ELSE 'assistant' END, 'cli',
+         'message ' || g || ': a line of ordinary length, like a short question or answer.',
+         now() - (c.last_seq - g) * interval '1 millisecond', c.owner_id,
+         row_number() OVER (ORDER BY c.pk, g)
   FROM conversations c, generate_series(1, c.last_seq) AS g;
 ANALYZE;
 SQL

@@ -284,3 +284,30 @@ forget_pid() {
 
 # Milliseconds since the epoch.
 now_ms() { date +%s%3N; }
+
+# The WAL position now, on URL's server.
+wal_lsn() { psql -Atq "$1" -c "SELECT pg_current_wal_lsn()"; }
+
+# wal_bytes URL FROM_LSN TO_LSN: the WAL bytes (records with their page images) between two
+# positions that belong to URL's database: records of its relations, and every record (commit,
+# sequence) of a transaction that wrote one. Other databases on the same server are left out.
+# Needs pg_walinspect (PostgreSQL 15 contrib); prints "bytes transactions".
+wal_bytes() {
+  psql -Atq "$1" -v from="$2" -v to="$3" <<'SQL'
+CREATE EXTENSION IF NOT EXISTS pg_walinspect;
+WITH db AS (SELECT '%/' || oid || '/%' AS rel FROM pg_database WHERE datname = current_database()),
+r AS (SELECT xid, record_length, block_ref FROM pg_get_wal_records_info(:'from', :'to')),
+mine AS (SELECT DISTINCT xid FROM r, db WHERE r.block_ref LIKE db.rel AND xid <> '0')
+SELECT coalesce(sum(record_length), 0) || ' ' || (SELECT count(*) FROM mine)
+FROM r, db WHERE r.block_ref LIKE db.rel OR r.xid IN (SELECT xid FROM mine);
+SQL
+}
+
+# db_counters URL: its database's committed transactions and rows inserted, updated (HOT
+# included) and HOT-updated so far: "xacts inserted updated hot".
+db_counters() {
+  psql -Atq "$1" -c "SELECT pg_stat_clear_snapshot()" -c "SELECT
+      (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()) || ' ' ||
+      coalesce(sum(n_tup_ins), 0) || ' ' || coalesce(sum(n_tup_upd), 0) || ' ' ||
+      coalesce(sum(n_tup_hot_upd), 0) FROM pg_stat_user_tables" | tail -1
+}

@@ -2,7 +2,7 @@
 # shellcheck disable=SC2154 # the figures are variables set by sourcing $BENCH_RESULTS
 # The whole benchmark suite in one invocation, bounded in time (about 8-9 minutes with
 # DURATION=10s), loopback only, against the release binary: bench/local.sh, bench/provider.sh,
-# bench/cloud.sh (with bench/pgbench.sh on its database), bench/growth.sh and bench/sync.sh, then
+# bench/cloud.sh (with bench/pgbench.sh on its database and bench/lean.sh beside it), bench/growth.sh and bench/sync.sh, then
 # a summary of the targets, each measured as a ratio to a baseline taken in this same run.
 #   bench/run.sh                     # DURATION=10s CONNECTIONS=32 RATE=500
 #   SKIP_GROWTH=1 bench/run.sh       # without the growth and memory benchmarks
@@ -51,6 +51,14 @@ row "1. cloud core p99 <= 2x pgbench p99" \
   "$(verdict 'a / b <= 2' -v a="$cloud_core_p99" -v b="$pgbench_p99")"
 row "1. cloud core: 0 errors" "$cloud_core_errors errors" "-" \
   "$(verdict 'e == 0' -v e="$cloud_core_errors")"
+row "4. cloud core, 32 conns >= 0.8x lean model TPS" \
+  "$cloud_core_rps req/s vs lean model $lean_tps TPS" \
+  "$(awk -v a="$cloud_core_rps" -v b="$lean_tps" 'BEGIN { printf "%.2fx", a / b }')" \
+  "$(verdict 'a / b >= 0.8' -v a="$cloud_core_rps" -v b="$lean_tps")"
+row "4. cloud core p99 <= 2x lean model p99" \
+  "p99 $cloud_core_p99 ms vs lean model $lean_p99 ms" \
+  "$(awk -v a="$cloud_core_p99" -v b="$lean_p99" 'BEGIN { printf "%.2fx", a / b }')" \
+  "$(verdict 'a / b <= 2' -v a="$cloud_core_p99" -v b="$lean_p99")"
 row "2. overhead over a fake provider at ${RATE:-500} req/s: p99 < 3 ms" \
   "p99 $provider_maestra_p99 ms through vs $provider_direct_p99 ms direct (disk alone $provider_disk_p99)" \
   "+$provider_overhead_p99 ms ($(awk -v a="$provider_overhead_p99" 'BEGIN { printf "%.2fx", a / 3 }') of 3)" \
