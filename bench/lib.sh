@@ -294,6 +294,7 @@ wal_lsn() { psql -Atq "$1" -c "SELECT pg_current_wal_lsn()"; }
 # Needs pg_walinspect (PostgreSQL 15 contrib); prints "bytes transactions".
 wal_bytes() {
   psql -Atq "$1" -v from="$2" -v to="$3" <<'SQL'
+SET client_min_messages TO warning;
 CREATE EXTENSION IF NOT EXISTS pg_walinspect;
 WITH db AS (SELECT '%/' || oid || '/%' AS rel FROM pg_database WHERE datname = current_database()),
 r AS (SELECT xid, record_length, block_ref FROM pg_get_wal_records_info(:'from', :'to')),
