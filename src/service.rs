@@ -11,7 +11,7 @@ use crate::domain::{
     ConversationId, Message, MessageText, NewMessage, SurfaceId, TurnOutcome, Usage, UserId,
     conversation_order,
 };
-use crate::idempotency::{Begin, IdempotencyKey, IdempotencyStore};
+use crate::idempotency::{Begin, DerivedIds, IdempotencyKey, IdempotencyStore};
 use crate::metrics::Metrics;
 use crate::responder::{Deltas, Prompt, Reply, Responder, ResponderError};
 use crate::store::{ConversationStore, Owner, Priced, StoreError};
@@ -194,19 +194,15 @@ impl ConversationService {
         let (conversation_id, user_seq) = match resume {
             Some((conversation_id, user_seq)) => {
                 // Its record may have lost the outcome in a crash while the reply was stored.
-                if let Some(ids) = &ids
-                    && let Some(reply) = self
-                        .store
-                        .find(&turn.owner, &conversation_id, &ids.reply)
-                        .await?
+                if let Some(reply) = self
+                    .reply_stored_before(&turn.owner, &conversation_id, ids.as_ref())
+                    .await?
                 {
-                    if let Some(deltas) = &deltas {
-                        deltas.send(&reply.content);
-                    }
-                    return Ok(TurnOutcome::of_stored_reply(
+                    return Ok(answered_before(
                         conversation_id,
                         turn.surface_id,
                         reply,
+                        deltas,
                     ));
                 }
                 (conversation_id, user_seq)
@@ -224,19 +220,16 @@ impl ConversationService {
                     .store
                     .append_once(&turn.owner, &conversation_id, user_message)
                     .await?;
-                if let (true, Some(ids)) = (stored.existed, &ids)
+                if stored.existed
                     && let Some(reply) = self
-                        .store
-                        .find(&turn.owner, &conversation_id, &ids.reply)
+                        .reply_stored_before(&turn.owner, &conversation_id, ids.as_ref())
                         .await?
                 {
-                    if let Some(deltas) = &deltas {
-                        deltas.send(&reply.content);
-                    }
-                    return Ok(TurnOutcome::of_stored_reply(
+                    return Ok(answered_before(
                         conversation_id,
                         turn.surface_id,
                         reply,
+                        deltas,
                     ));
                 }
                 if let Some(key) = key {
@@ -319,6 +312,20 @@ impl ConversationService {
             created_at: answer.created_at,
             provider_ms,
         })
+    }
+
+    /// The reply a keyed turn already has under the id its key derives (stored here by an
+    /// earlier attempt, or synced from the other side).
+    async fn reply_stored_before(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        ids: Option<&DerivedIds>,
+    ) -> Result<Option<Message>, StoreError> {
+        match ids {
+            Some(ids) => self.store.find(owner, conversation, &ids.reply).await,
+            None => Ok(None),
+        }
     }
 
     /// Answers a one-off question; nothing is stored but its line in the cost ledger.
@@ -405,6 +412,19 @@ impl ConversationService {
         }
         (reply, elapsed.as_secs_f64() * 1000.0)
     }
+}
+
+/// The outcome of a turn whose reply was stored before: sent to `deltas` whole.
+fn answered_before(
+    conversation_id: ConversationId,
+    surface_id: SurfaceId,
+    reply: Message,
+    deltas: Option<Deltas>,
+) -> TurnOutcome {
+    if let Some(deltas) = &deltas {
+        deltas.send(&reply.content);
+    }
+    TurnOutcome::of_stored_reply(conversation_id, surface_id, reply)
 }
 
 /// Drops the oldest messages until the history fits in `budget` characters; the newest

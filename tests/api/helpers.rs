@@ -321,6 +321,17 @@ pub struct CloudApp {
     pub pgbouncer: Option<crate::rig::PgBouncer>,
 }
 
+/// What a `maestra serve` process needs to answer through `provider` and price its replies.
+pub fn priced_provider_vars(provider: &crate::fake_provider::FakeProvider) -> Vec<(&str, &str)> {
+    vec![
+        ("MAESTRA_LLM_BASE_URL", provider.base_url.as_str()),
+        ("MAESTRA_LLM_MODEL", TEST_MODEL),
+        ("MAESTRA_LLM_API_KEY", TEST_LLM_API_KEY),
+        ("MAESTRA_LLM_PRICE_INPUT", TEST_PRICE_INPUT),
+        ("MAESTRA_LLM_PRICE_OUTPUT", TEST_PRICE_OUTPUT),
+    ]
+}
+
 pub const TEST_API_KEY: &str = "sk_test_key_0123456789";
 
 /// With `MAESTRA_TEST_VIA_PGBOUNCER=1` (a step of `.ci/run`), each server reaches its

@@ -6,7 +6,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::fake_provider::{FakeProvider, Step};
 use crate::helpers::{
-    ServerProcess, TEST_MODEL, all_messages, spawn_app_with_provider, spawn_cloud_app,
+    ServerProcess, TEST_MODEL, all_messages, priced_provider_vars, spawn_app_with_provider,
+    spawn_cloud_app,
 };
 
 fn body(conversation: &str, text: &str) -> Value {
@@ -205,12 +206,9 @@ async fn local_keys_survive_a_restart() {
 
 /// The vars of a local server process whose provider is `provider`.
 fn process_vars(provider: &FakeProvider) -> Vec<(&str, &str)> {
-    vec![
-        ("MAESTRA_LLM_BASE_URL", provider.base_url.as_str()),
-        ("MAESTRA_LLM_MODEL", TEST_MODEL),
-        ("MAESTRA_LLM_API_KEY", "sk-test"),
-        ("MAESTRA_LLM_REQUEST_TIMEOUT", "60"),
-    ]
+    let mut vars = priced_provider_vars(provider);
+    vars.push(("MAESTRA_LLM_REQUEST_TIMEOUT", "60"));
+    vars
 }
 
 #[tokio::test]

@@ -7,10 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::fake_provider::{COMPLETION_TOKENS, FakeProvider, PROMPT_TOKENS, Step};
-use crate::helpers::{
-    ServerProcess, TEST_LLM_API_KEY, TEST_MODEL, TEST_PRICE_INPUT, TEST_PRICE_OUTPUT, all_messages,
-    maestra_command,
-};
+use crate::helpers::{ServerProcess, all_messages, maestra_command, priced_provider_vars};
 
 /// `count` consecutive ports that are free right now.
 fn free_port_run(count: u16) -> u16 {
@@ -181,14 +178,8 @@ async fn sigterm_waits_for_a_turn_whose_client_has_gone_and_its_reply_is_stored_
         Duration::from_millis(400),
     ))
     .await;
-    let vars = [
-        ("MAESTRA_LLM_BASE_URL", provider.base_url.as_str()),
-        ("MAESTRA_LLM_MODEL", TEST_MODEL),
-        ("MAESTRA_LLM_API_KEY", TEST_LLM_API_KEY),
-        ("MAESTRA_LLM_PRICE_INPUT", TEST_PRICE_INPUT),
-        ("MAESTRA_LLM_PRICE_OUTPUT", TEST_PRICE_OUTPUT),
-        ("MAESTRA_LLM_REQUEST_TIMEOUT", "20"),
-    ];
+    let mut vars = priced_provider_vars(&provider);
+    vars.push(("MAESTRA_LLM_REQUEST_TIMEOUT", "20"));
     let data = tempfile::tempdir().unwrap();
     let mut server = ServerProcess::start(data.path(), &vars).await;
 

@@ -7,15 +7,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use chrono::{DateTime, Utc};
-
 use crate::fake_provider::{FakeProvider, Step};
 use crate::helpers::{
-    ServerProcess, TEST_API_KEY, TEST_LLM_API_KEY, TEST_MODEL, TEST_PRICE_INPUT, TEST_PRICE_OUTPUT,
-    TcpProxy, all_messages, database_url, maestra_command, spawn_cloud_app_at,
+    ServerProcess, TEST_API_KEY, TcpProxy, all_messages, database_url, maestra_command,
+    priced_provider_vars, spawn_cloud_app_at,
 };
 
 const CONVERSATIONS: [&str; 2] = ["conv_shared_0", "conv_shared_1"];
@@ -198,13 +197,7 @@ async fn local_crash_that_also_loses_unflushed_file_writes_loses_no_acknowledged
 #[tokio::test]
 async fn local_sigkill_under_load_leaves_every_stored_reply_exactly_one_ledger_line() {
     let provider = FakeProvider::start(Step::Reply("Priced.".to_owned())).await;
-    let vars = [
-        ("MAESTRA_LLM_BASE_URL", provider.base_url.as_str()),
-        ("MAESTRA_LLM_MODEL", TEST_MODEL),
-        ("MAESTRA_LLM_API_KEY", TEST_LLM_API_KEY),
-        ("MAESTRA_LLM_PRICE_INPUT", TEST_PRICE_INPUT),
-        ("MAESTRA_LLM_PRICE_OUTPUT", TEST_PRICE_OUTPUT),
-    ];
+    let vars = priced_provider_vars(&provider);
     let data = tempfile::tempdir().unwrap();
     for _ in 0..3 {
         let mut server = ServerProcess::start(data.path(), &vars).await;
