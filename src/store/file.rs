@@ -363,7 +363,6 @@ impl FileStore {
         result
     }
 
-    /// Runs blocking file work off the async executor.
     /// `append_once`, with the reply's ledger line when it is `priced`.
     async fn append_priced(
         &self,
@@ -383,6 +382,7 @@ impl FileStore {
         Ok(appended)
     }
 
+    /// Runs blocking file work off the async executor.
     async fn blocking<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
