@@ -977,8 +977,18 @@ mod tests {
         })
     }
 
+    type Checkpoint = fn(&HashSet<String>) -> io::Result<()>;
+
+    /// Files whose checkpoints always succeed, watched for what is carried out.
+    fn watched() -> Arc<Watched<Checkpoint>> {
+        Arc::new(Watched {
+            flush: |_| Ok(()),
+            applied: Mutex::new(Vec::new()),
+        })
+    }
+
     fn no_files() -> Arc<dyn Files> {
-        files(|_| Ok(()))
+        watched()
     }
 
     /// A journal in `dir`, after applying (here: ignoring) what an earlier run left.
@@ -1042,10 +1052,7 @@ mod tests {
     #[test]
     fn changes_are_carried_out_once_durable_in_order_and_a_group_whole_after_a_crash() {
         let dir = tempfile::tempdir().unwrap();
-        let watched = Arc::new(Watched {
-            flush: |_: &HashSet<String>| Ok(()),
-            applied: Mutex::new(Vec::new()),
-        });
+        let watched = watched();
         let journal = start(dir.path(), 1 << 16, watched.clone());
         let reply = write("conv_a", 0, "reply\n");
         let priced = Entry::Append {
@@ -1070,10 +1077,7 @@ mod tests {
     #[test]
     fn a_rider_is_written_with_the_next_commit_or_at_a_clean_stop() {
         let dir = tempfile::tempdir().unwrap();
-        let watched = Arc::new(Watched {
-            flush: |_: &HashSet<String>| Ok(()),
-            applied: Mutex::new(Vec::new()),
-        });
+        let watched = watched();
         let journal = start(dir.path(), 1 << 16, watched.clone());
         let record = |n: &str| Entry::Replace {
             file: "~idempotency/k".into(),
