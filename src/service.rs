@@ -191,7 +191,7 @@ impl ConversationService {
         let started = Instant::now();
         let (key, resume) = idempotency.map_or((None, None), |(k, r)| (Some(k), r));
         let ids = key.map(IdempotencyKey::derived_ids);
-        let (conversation_id, user_seq) = match resume {
+        let (conversation_id, user_seq, mut history) = match resume {
             Some((conversation_id, user_seq)) => {
                 // Its record may have lost the outcome in a crash while the reply was stored.
                 if let Some(reply) = self
@@ -205,7 +205,11 @@ impl ConversationService {
                         deltas,
                     ));
                 }
-                (conversation_id, user_seq)
+                let history = self
+                    .store
+                    .recent(&turn.owner, &conversation_id, self.history_messages)
+                    .await?;
+                (conversation_id, user_seq, history)
             }
             None => {
                 let conversation_id = match (turn.conversation_id, &ids) {
@@ -216,9 +220,14 @@ impl ConversationService {
                 let user_message = NewMessage::from_user(turn.surface_id.clone(), turn.message)
                     .with_id(ids.as_ref().map(|ids| ids.user_message.clone()))
                     .written_by(turn.api_key_id.clone());
-                let stored = self
+                let (stored, history) = self
                     .store
-                    .append_once(&turn.owner, &conversation_id, user_message)
+                    .append_question(
+                        &turn.owner,
+                        &conversation_id,
+                        user_message,
+                        self.history_messages,
+                    )
                     .await?;
                 if stored.existed
                     && let Some(reply) = self
@@ -242,15 +251,11 @@ impl ConversationService {
                         )
                         .await?;
                 }
-                (conversation_id, stored.message.seq)
+                (conversation_id, stored.message.seq, history)
             }
         };
         tracing::Span::current().record("conversation.id", conversation_id.as_str());
 
-        let mut history = self
-            .store
-            .recent(&turn.owner, &conversation_id, self.history_messages)
-            .await?;
         conversation_order(&mut history);
         keep_within(&mut history, self.history_chars);
 

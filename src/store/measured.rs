@@ -49,6 +49,22 @@ impl ConversationStore for MeasuredStore {
         .await
     }
 
+    async fn append_question(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        question: NewMessage,
+        limit: usize,
+    ) -> Result<(Appended, Vec<Message>), StoreError> {
+        // An append that also reads the history back (in one statement where it can).
+        self.measure(
+            "append",
+            self.inner
+                .append_question(owner, conversation, question, limit),
+        )
+        .await
+    }
+
     async fn append_reply(
         &self,
         owner: &Owner,

@@ -98,6 +98,21 @@ pub trait ConversationStore: Send + Sync + 'static {
             .message)
     }
 
+    /// `append_once` for a turn's question, with the history the model is then asked with:
+    /// the conversation's last `limit` messages once it is stored, as `recent` reads them. A
+    /// store may do both in one step.
+    async fn append_question(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        question: NewMessage,
+        limit: usize,
+    ) -> Result<(Appended, Vec<Message>), StoreError> {
+        let appended = self.append_once(owner, conversation, question).await?;
+        let history = self.recent(owner, conversation, limit).await?;
+        Ok((appended, history))
+    }
+
     /// `append_once` for a turn's reply. A store that keeps the cost ledger (local mode) writes
     /// the reply's line in the same durable step, so that every reply it stores has exactly
     /// one; a reply already stored (`existed`) gets none. Other stores keep no ledger.

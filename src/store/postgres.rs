@@ -1,9 +1,11 @@
 //! Cloud mode's store: conversations and messages in Postgres.
 //!
-//! An append is one statement: it bumps the owner's feed, creates or bumps the conversation row
-//! (whose lock orders concurrent writers), inserts the message with the new seq and, for a
-//! reply, its usage row, all in one implicit transaction. Every query is scoped by tenant and
+//! An append is one statement: it bumps the conversation row (whose lock orders concurrent
+//! writers; a new conversation is created, with its owner, by a second one), inserts the
+//! message with the new seq and, for a reply, its usage row, all in one implicit transaction. Every query is scoped by tenant and
 //! user: a conversation is (tenant, user, id), so two users' `conv_demo` are two conversations.
+
+use std::sync::LazyLock;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -161,64 +163,168 @@ impl PgStore {
     ) -> Result<Message, sqlx::Error> {
         // Seq and time come from the database: the time is its clock's (the same for every
         // replica), but always after the conversation's newest message and after a deletion
-        // of the same id (see `domain::next_created_at`).
+        // of the same id (see `domain::next_created_at`). The message takes no feed number
+        // here: the next sync pull numbers it (migration 20261207000001).
         let message = new.clone().into_message(0, Utc::now());
         let usage = message.usage.filter(|_| message.model.is_some());
-        let row = sqlx::query(
-            "WITH owner AS (
-                 INSERT INTO owners AS o (tenant_id, user_id, feed_head) VALUES ($1, $3, 1)
-                 ON CONFLICT (tenant_id, user_id) DO UPDATE SET feed_head = o.feed_head + 1
-                 RETURNING id, feed_head
-             ), conversation AS (
-                 INSERT INTO conversations AS c (tenant_id, id, user_id, owner_id, last_seq,
-                     last_created_at)
-                 SELECT $1, $2, $3, owner.id, 1, GREATEST(now(),
-                     (SELECT d.deleted_at + interval '1 microsecond' FROM conversation_deletions d
-                      WHERE d.owner_id = owner.id AND d.conversation_id = $2))
-                 FROM owner
-                 ON CONFLICT (tenant_id, user_id, id) DO UPDATE
-                     SET last_seq = c.last_seq + 1, updated_at = now(),
-                         last_created_at = GREATEST(EXCLUDED.last_created_at,
-                             c.last_created_at + interval '1 microsecond')
-                 RETURNING pk, last_seq, last_created_at
-             ), message AS (
-                 INSERT INTO messages (conversation_pk, seq, id, role, surface_id, content,
-                     created_at, model, prompt_tokens, completion_tokens, cost_usd, api_key_id,
-                     owner_id, feed_seq)
-                 SELECT conversation.pk, conversation.last_seq, $4, $5, $6, $7,
-                     conversation.last_created_at, $8, $9, $10, $11, $12, owner.id, owner.feed_head
-                 FROM conversation, owner
-                 RETURNING seq, created_at
-             ), usage_row AS (
-                 INSERT INTO usage (ts, tenant_id, api_key_id, user_id, conversation_id,
-                     surface_id, model, prompt_tokens, completion_tokens, cost_usd)
-                 SELECT message.created_at, $1, $12, $3, $2, $6, $8, $9, $10, $11
-                 FROM message WHERE $13
-             )
-             SELECT seq, created_at FROM message",
-        )
-        .bind(&owner.tenant)
-        .bind(conversation.as_str())
-        .bind(owner.user_id.as_str())
-        .bind(&message.id)
-        .bind(role_name(message.role))
-        .bind(message.surface_id.as_str())
-        .bind(&message.content)
-        .bind(&message.model)
-        .bind(usage.map(|u| u.prompt_tokens as i64))
-        .bind(usage.map(|u| u.completion_tokens as i64))
-        .bind(usage.map(|u| u.cost_usd))
-        .bind(&new.api_key_id)
-        .bind(usage.is_some())
-        .fetch_one(&self.pool)
-        .await?;
+        // Most messages go to a conversation that exists: one update of its row, whose lock
+        // orders concurrent writers, and the inserts. A new conversation takes a second
+        // statement that creates it (and its owner) first.
+        let mut row = None;
+        for statement in [&*APPEND_TO_EXISTING, &*APPEND_CREATING] {
+            row = sqlx::query(statement)
+                .bind(&owner.tenant)
+                .bind(conversation.as_str())
+                .bind(owner.user_id.as_str())
+                .bind(&message.id)
+                .bind(role_name(message.role))
+                .bind(message.surface_id.as_str())
+                .bind(&message.content)
+                .bind(&message.model)
+                .bind(usage.map(|u| u.prompt_tokens as i64))
+                .bind(usage.map(|u| u.completion_tokens as i64))
+                .bind(usage.map(|u| u.cost_usd))
+                .bind(&new.api_key_id)
+                .bind(usage.is_some())
+                .fetch_optional(&self.pool)
+                .await?;
+            if row.is_some() {
+                break;
+            }
+        }
+        let row = row.ok_or(sqlx::Error::RowNotFound)?;
         Ok(Message {
             seq: row.try_get("seq")?,
             created_at: row.try_get("created_at")?,
             ..message
         })
     }
+
+    /// An unkeyed question appended to a conversation that exists, with the `limit - 1`
+    /// messages before it, in one statement; `None` (nothing stored) when the conversation
+    /// does not exist yet. The history is `None` when a concurrent writer's message committed
+    /// while this one waited for the conversation's row: the statement's snapshot, taken
+    /// before, lacks it.
+    async fn append_question_at_once(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        question: &NewMessage,
+        limit: usize,
+    ) -> Result<Option<(Message, Option<Vec<Message>>)>, sqlx::Error> {
+        let message = question.clone().into_message(0, Utc::now());
+        let rows = sqlx::query(&APPEND_QUESTION)
+            .bind(&owner.tenant)
+            .bind(conversation.as_str())
+            .bind(owner.user_id.as_str())
+            .bind(&message.id)
+            .bind(role_name(message.role))
+            .bind(message.surface_id.as_str())
+            .bind(&message.content)
+            .bind(&message.model)
+            .bind(None::<i64>)
+            .bind(None::<i64>)
+            .bind(None::<f64>)
+            .bind(&question.api_key_id)
+            .bind(false)
+            .bind(limit.saturating_sub(1) as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        let Some((new, before)) = rows.split_first() else {
+            return Ok(None);
+        };
+        let message = Message {
+            seq: new.try_get("seq")?,
+            created_at: new.try_get("created_at")?,
+            ..message
+        };
+        let mut history = before
+            .iter()
+            .map(Message::from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let follows_on = match history.first() {
+            Some(previous) => previous.seq == message.seq - 1,
+            None => limit == 1,
+        };
+        if !follows_on {
+            return Ok(Some((message, None)));
+        }
+        history.reverse();
+        history.push(message.clone());
+        Ok(Some((message, Some(history))))
+    }
 }
+
+/// Statements that append a message: a `conversation` step (which of the two below) and then
+/// [`MESSAGE_CTES`]; they answer the message's seq and time.
+static APPEND_TO_EXISTING: LazyLock<String> = LazyLock::new(|| {
+    format!("{EXISTING_CONVERSATION}{MESSAGE_CTES} SELECT seq, created_at FROM message")
+});
+static APPEND_CREATING: LazyLock<String> = LazyLock::new(|| {
+    format!("{CREATING_CONVERSATION}{MESSAGE_CTES} SELECT seq, created_at FROM message")
+});
+/// [`APPEND_TO_EXISTING`], answering first the message's seq and time, then the messages
+/// before it, newest first, at most $14 (the snapshot's: those committed before it began).
+static APPEND_QUESTION: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{EXISTING_CONVERSATION}{MESSAGE_CTES}
+         SELECT * FROM (
+             SELECT 0 AS part, NULL::text AS id, seq, NULL::text AS role,
+                 NULL::text AS surface_id, NULL::text AS content, created_at, NULL::text AS model,
+                 NULL::bigint AS prompt_tokens, NULL::bigint AS completion_tokens,
+                 NULL::float8 AS cost_usd, NULL::text AS origin
+             FROM message
+             UNION ALL
+             (SELECT 1, {MESSAGE_COLUMNS} FROM messages m, conversation
+              WHERE m.conversation_pk = conversation.pk ORDER BY m.seq DESC LIMIT $14)
+         ) rows ORDER BY part, seq DESC"
+    )
+});
+
+/// The `conversation` of an append when it exists: its row bumped (no row when it does not).
+/// Parameters, here and below: tenant $1, conversation $2, user $3.
+const EXISTING_CONVERSATION: &str = "WITH conversation AS (
+         UPDATE conversations c
+         SET last_seq = c.last_seq + 1, updated_at = now(),
+             last_created_at = GREATEST(now(), c.last_created_at + interval '1 microsecond')
+         WHERE c.tenant_id = $1 AND c.id = $2 AND c.user_id = $3
+         RETURNING pk, owner_id, last_seq, last_created_at
+     )";
+
+/// The `conversation` of an append that creates it, and its owner if new; a concurrent
+/// creator's row is bumped instead.
+const CREATING_CONVERSATION: &str = "WITH owner AS (
+         INSERT INTO owners AS o (tenant_id, user_id) VALUES ($1, $3)
+         ON CONFLICT (tenant_id, user_id) DO UPDATE SET feed_head = o.feed_head
+         RETURNING id
+     ), conversation AS (
+         INSERT INTO conversations AS c (tenant_id, id, user_id, owner_id, last_seq,
+             last_created_at)
+         SELECT $1, $2, $3, owner.id, 1, GREATEST(now(),
+             (SELECT d.deleted_at + interval '1 microsecond' FROM conversation_deletions d
+              WHERE d.owner_id = owner.id AND d.conversation_id = $2))
+         FROM owner
+         ON CONFLICT (tenant_id, user_id, id) DO UPDATE
+             SET last_seq = c.last_seq + 1, updated_at = now(),
+                 last_created_at = GREATEST(EXCLUDED.last_created_at,
+                     c.last_created_at + interval '1 microsecond')
+         RETURNING pk, owner_id, last_seq, last_created_at
+     )";
+
+/// The message (id $4, role $5, surface $6, content $7, model $8, tokens $9 and $10, cost
+/// $11, key $12) at the `conversation`'s new seq, and for a reply ($13) its usage row.
+const MESSAGE_CTES: &str = ", message AS (
+         INSERT INTO messages (conversation_pk, seq, id, role, surface_id, content, created_at,
+             model, prompt_tokens, completion_tokens, cost_usd, api_key_id, owner_id)
+         SELECT pk, last_seq, $4, $5, $6, $7, last_created_at, $8, $9, $10, $11, $12, owner_id
+         FROM conversation
+         RETURNING seq, created_at
+     ), usage_row AS (
+         INSERT INTO usage (ts, tenant_id, api_key_id, user_id, conversation_id, surface_id,
+             model, prompt_tokens, completion_tokens, cost_usd)
+         SELECT message.created_at, $1, $12, $3, $2, $6, $8, $9, $10, $11
+         FROM message WHERE $13
+     )";
 
 #[async_trait]
 impl ConversationStore for PgStore {
@@ -254,6 +360,35 @@ impl ConversationStore for PgStore {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    async fn append_question(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        question: NewMessage,
+        limit: usize,
+    ) -> Result<(Appended, Vec<Message>), StoreError> {
+        // A keyed question may be stored already: `append_once` looks first.
+        if question.id.is_none()
+            && limit > 0
+            && let Some((message, history)) = self
+                .append_question_at_once(owner, conversation, &question, limit)
+                .await?
+        {
+            let history = match history {
+                Some(history) => history,
+                None => self.recent(owner, conversation, limit).await?,
+            };
+            let appended = Appended {
+                message,
+                existed: false,
+            };
+            return Ok((appended, history));
+        }
+        let appended = self.append_once(owner, conversation, question).await?;
+        let history = self.recent(owner, conversation, limit).await?;
+        Ok((appended, history))
     }
 
     async fn find(

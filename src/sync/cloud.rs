@@ -2,8 +2,10 @@
 //! feed for them to pull.
 //!
 //! Every change to an owner's conversations takes the next number of the owner's feed
-//! (`owners.feed_head`), bumped in the same transaction: the row lock makes the numbers commit
-//! in order, so a reader that has seen number N never later finds a change numbered below it.
+//! (`owners.feed_head`), bumped under the owner's row lock: the numbers commit in order, so a
+//! reader that has seen number N never later finds a change numbered below it. Pushed messages
+//! and deletions are numbered in the transaction that stores them; messages written through
+//! the API, by the next pull (`number_pending`), so that turns never wait on that lock.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -98,14 +100,7 @@ impl CloudSync {
         };
         for (user, &cursor) in &request.cursors {
             let remaining = limit.saturating_sub(response.records.len());
-            let owner: Option<(i64, i64)> = sqlx::query_as(
-                "SELECT id, feed_head FROM owners WHERE tenant_id = $1 AND user_id = $2",
-            )
-            .bind(tenant)
-            .bind(user.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-            let Some((owner, head)) = owner else {
+            let Some((owner, head)) = self.number_pending(tenant, user).await? else {
                 response.cursors.insert(user.clone(), cursor);
                 continue;
             };
@@ -150,6 +145,60 @@ impl CloudSync {
             response.cursors.insert(user.clone(), last);
         }
         Ok(response)
+    }
+}
+
+impl CloudSync {
+    /// Gives the owner's unnumbered messages (those written through the API) the next feed
+    /// numbers, in the order they were written, and returns the owner's id and feed head.
+    /// Under the owner's row lock: a number handed out is above every number already
+    /// visible, and a message still being written is numbered by a later pull.
+    async fn number_pending(
+        &self,
+        tenant: &str,
+        user: &UserId,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let owner: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT id, feed_head FROM owners WHERE tenant_id = $1 AND user_id = $2 FOR UPDATE",
+        )
+        .bind(tenant)
+        .bind(user.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((owner, head)) = owner else {
+            return Ok(None);
+        };
+        // A statement of its own, so that its snapshot, taken after the lock was granted,
+        // sees what an earlier pull numbered.
+        let numbered: Option<i64> = sqlx::query_scalar(
+            "WITH pending AS (
+                 SELECT conversation_pk, seq,
+                        row_number() OVER (ORDER BY created_at, conversation_pk, seq) AS n
+                 FROM messages WHERE owner_id = $1 AND feed_seq IS NULL
+             ), numbered AS (
+                 UPDATE messages m SET feed_seq = $2 + p.n
+                 FROM pending p
+                 WHERE m.conversation_pk = p.conversation_pk AND m.seq = p.seq
+                     AND m.feed_seq IS NULL
+                 RETURNING m.feed_seq
+             )
+             SELECT max(feed_seq) FROM numbered",
+        )
+        .bind(owner)
+        .bind(head)
+        .fetch_one(&mut *tx)
+        .await?;
+        let Some(head) = numbered else {
+            return Ok(Some((owner, head)));
+        };
+        sqlx::query("UPDATE owners SET feed_head = $2 WHERE id = $1")
+            .bind(owner)
+            .bind(head)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some((owner, head)))
     }
 }
 

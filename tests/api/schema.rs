@@ -120,12 +120,39 @@ async fn scoping_conversations_by_owner_keeps_every_message_and_its_order(
     assert_eq!(next.status(), 200);
     let next: Value = next.json().await.unwrap();
     assert_eq!(next["seq"], 5, "the user's message was 4, the reply 5");
-    let heads: Vec<(String, i64)> =
-        sqlx::query_as("SELECT user_id, feed_head FROM owners ORDER BY user_id")
+    let heads = || async {
+        sqlx::query_as::<_, (String, i64)>("SELECT user_id, feed_head FROM owners ORDER BY user_id")
             .fetch_all(&app.pool)
             .await
-            .unwrap();
-    assert_eq!(heads, [("ana".to_owned(), 5), ("ben".to_owned(), 1)]);
+            .unwrap()
+    };
+    assert_eq!(
+        heads().await,
+        [("ana".to_owned(), 3), ("ben".to_owned(), 1)],
+        "a turn's messages wait for the next pull to be numbered"
+    );
+    let pulled: Value = app
+        .request(Method::POST, "/api/maestra/sync/pull", Some(&key))
+        .json(&json!({"origin": "inst_phone", "cursors": {"ana": 3}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let contents: Vec<&str> = pulled["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(contents.len(), 2, "{pulled}");
+    assert_eq!(contents[0], "fourth");
+    assert_eq!(pulled["cursors"]["ana"], 5);
+    assert_eq!(
+        heads().await,
+        [("ana".to_owned(), 5), ("ben".to_owned(), 1)]
+    );
 
     // Another tenant's data and the usage ledger are untouched.
     let usage: i64 =

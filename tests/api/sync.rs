@@ -1269,3 +1269,69 @@ async fn a_new_install_pulls_a_ten_thousand_message_history(
     // Pulling put nothing in the ledger: those replies were priced elsewhere.
     assert!(local.ledger().is_empty());
 }
+
+/// Turns written through the API on one replica while an install pulls from another: each
+/// message reaches the install once, however the pulls and the writes interleave (a turn takes
+/// its feed number at the next pull, not when stored).
+#[sqlx::test(migrations = false)]
+async fn messages_written_while_an_install_pulls_reach_it_once_each(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let writer = spawn_cloud_app(&db, &[]).await;
+    let url = crate::helpers::database_url(&db);
+    let reader = crate::helpers::spawn_cloud_app_at(&url, &url, &[]).await;
+    let key = writer.api_key.clone();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let writes = async {
+        let conversations = (0..6).map(|c| {
+            let (writer, key) = (&writer, &key);
+            async move {
+                for i in 0..8 {
+                    let body = json!({"user_id": "ana", "surface_id": "cli",
+                        "conversation_id": format!("conv_{c}"), "message": format!("turn {i}")});
+                    assert_eq!(writer.core(key, &body).await.status(), 200);
+                }
+            }
+        });
+        futures_util::future::join_all(conversations).await;
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
+    let pulls = async {
+        let (mut cursor, mut seen) = (0_i64, Vec::new());
+        loop {
+            let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+            let page: Value = reader
+                .request(Method::POST, "/api/maestra/sync/pull", Some(&key))
+                .json(&json!({"origin": "inst_phone", "cursors": {"ana": cursor}, "limit": 7}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let next = page["cursors"]["ana"].as_i64().unwrap();
+            assert!(next >= cursor, "the cursor went back: {cursor} -> {next}");
+            cursor = next;
+            let records = page["records"].as_array().unwrap();
+            seen.extend(records.iter().map(|r| r["id"].as_str().unwrap().to_owned()));
+            if finished && records.is_empty() && page["more"] == false {
+                return seen;
+            }
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+    };
+    let ((), seen) = tokio::join!(writes, pulls);
+    let stored: Vec<String> = sqlx::query_scalar("SELECT id FROM messages ORDER BY id")
+        .fetch_all(&writer.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.len(),
+        6 * 8 * 2,
+        "each turn stores a message and its reply"
+    );
+    let distinct: BTreeSet<String> = seen.iter().cloned().collect();
+    assert_eq!(distinct.len(), seen.len(), "a message pulled twice");
+    assert_eq!(distinct.into_iter().collect::<Vec<_>>(), stored);
+}
