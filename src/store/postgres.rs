@@ -9,8 +9,9 @@ use std::sync::LazyLock;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgRow;
-use sqlx::{FromRow, Row};
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::query::Query;
+use sqlx::{FromRow, Postgres, Row};
 
 use super::{Appended, ConversationStore, ConversationSummary, Owner, StoreError};
 use crate::db::Db;
@@ -166,26 +167,12 @@ impl PgStore {
         // of the same id (see `domain::next_created_at`). The message takes no feed number
         // here: the next sync pull numbers it (migration 20261207000001).
         let message = new.clone().into_message(0, Utc::now());
-        let usage = message.usage.filter(|_| message.model.is_some());
         // Most messages go to a conversation that exists: one update of its row, whose lock
         // orders concurrent writers, and the inserts. A new conversation takes a second
         // statement that creates it (and its owner) first.
         let mut row = None;
         for statement in [&*APPEND_TO_EXISTING, &*APPEND_CREATING] {
-            row = sqlx::query(statement)
-                .bind(&owner.tenant)
-                .bind(conversation.as_str())
-                .bind(owner.user_id.as_str())
-                .bind(&message.id)
-                .bind(role_name(message.role))
-                .bind(message.surface_id.as_str())
-                .bind(&message.content)
-                .bind(&message.model)
-                .bind(usage.map(|u| u.prompt_tokens as i64))
-                .bind(usage.map(|u| u.completion_tokens as i64))
-                .bind(usage.map(|u| u.cost_usd))
-                .bind(&new.api_key_id)
-                .bind(usage.is_some())
+            row = append_query(statement, owner, conversation, &message, new)
                 .fetch_optional(&self.pool)
                 .await?;
             if row.is_some() {
@@ -213,20 +200,7 @@ impl PgStore {
         limit: usize,
     ) -> Result<Option<(Message, Option<Vec<Message>>)>, sqlx::Error> {
         let message = question.clone().into_message(0, Utc::now());
-        let rows = sqlx::query(&APPEND_QUESTION)
-            .bind(&owner.tenant)
-            .bind(conversation.as_str())
-            .bind(owner.user_id.as_str())
-            .bind(&message.id)
-            .bind(role_name(message.role))
-            .bind(message.surface_id.as_str())
-            .bind(&message.content)
-            .bind(&message.model)
-            .bind(None::<i64>)
-            .bind(None::<i64>)
-            .bind(None::<f64>)
-            .bind(&question.api_key_id)
-            .bind(false)
+        let rows = append_query(&APPEND_QUESTION, owner, conversation, &message, question)
             .bind(limit.saturating_sub(1) as i64)
             .fetch_all(&self.pool)
             .await?;
@@ -253,6 +227,31 @@ impl PgStore {
         history.push(message.clone());
         Ok(Some((message, Some(history))))
     }
+}
+
+/// `statement` (one of the appends below) with the message's parameters, $1 to $13.
+fn append_query<'q>(
+    statement: &'q str,
+    owner: &'q Owner,
+    conversation: &'q ConversationId,
+    message: &'q Message,
+    new: &'q NewMessage,
+) -> Query<'q, Postgres, PgArguments> {
+    let usage = message.usage.filter(|_| message.model.is_some());
+    sqlx::query(statement)
+        .bind(&owner.tenant)
+        .bind(conversation.as_str())
+        .bind(owner.user_id.as_str())
+        .bind(&message.id)
+        .bind(role_name(message.role))
+        .bind(message.surface_id.as_str())
+        .bind(&message.content)
+        .bind(&message.model)
+        .bind(usage.map(|u| u.prompt_tokens as i64))
+        .bind(usage.map(|u| u.completion_tokens as i64))
+        .bind(usage.map(|u| u.cost_usd))
+        .bind(&new.api_key_id)
+        .bind(usage.is_some())
 }
 
 /// Statements that append a message: a `conversation` step (which of the two below) and then
