@@ -469,7 +469,11 @@ pub fn bind(host: IpAddr, port: &PortChoice) -> anyhow::Result<TcpListener> {
 /// actix binds itself: thousands of clients connecting at once overflowed the queue, and each
 /// refused client waited a second for its SYN to be retried.
 fn listen(address: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
     // As std does on Unix: a restarted server can bind its port again at once.
     socket.set_reuse_address(true)?;
     socket.bind(&address.into())?;
