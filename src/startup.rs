@@ -13,6 +13,7 @@ use actix_web::dev::{Server, ServerHandle};
 use actix_web::middleware::{Condition, from_fn};
 use actix_web::{App, HttpServer, web};
 use anyhow::{Context, bail};
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::AbortHandle;
 
@@ -35,6 +36,8 @@ use crate::turns::Turns;
 pub const LOCAL_TENANT: &str = "local";
 /// How long a client may take to send a request's head.
 const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The listening socket's accept queue (the kernel caps it: net.core.somaxconn on Linux).
+const LISTEN_BACKLOG: i32 = 8192;
 /// How long in-flight requests, and turns whose clients have gone, may take to finish after
 /// SIGINT/SIGTERM (the service units wait 35 s: `service_unit::STOP_TIMEOUT_SECONDS`).
 const SHUTDOWN_GRACE_SECONDS: u64 = 30;
@@ -440,11 +443,11 @@ fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
 /// Binds the configured port, or the first free one of the range.
 pub fn bind(host: IpAddr, port: &PortChoice) -> anyhow::Result<TcpListener> {
     match port {
-        PortChoice::Fixed(port) => TcpListener::bind((host, *port))
+        PortChoice::Fixed(port) => listen((host, *port).into())
             .with_context(|| format!("MAESTRA_PORT: cannot listen on {host}:{port}")),
         PortChoice::FirstFree(range) => {
             for port in range.clone() {
-                match TcpListener::bind((host, port)) {
+                match listen((host, port).into()) {
                     Ok(listener) => return Ok(listener),
                     Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
                     Err(e) => {
@@ -459,6 +462,23 @@ pub fn bind(host: IpAddr, port: &PortChoice) -> anyhow::Result<TcpListener> {
             )
         }
     }
+}
+
+/// A listening socket whose accept queue holds `LISTEN_BACKLOG` connections. std's
+/// `TcpListener::bind` asks for 128, and `HttpServer::backlog` only applies to the addresses
+/// actix binds itself: thousands of clients connecting at once overflowed the queue, and each
+/// refused client waited a second for its SYN to be retried.
+fn listen(address: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    // As std does on Unix: a restarted server can bind its port again at once.
+    socket.set_reuse_address(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// Clients find the local server's port here. Written whole or not at all.

@@ -196,7 +196,7 @@ async fn stream_turn(
     );
     let events = futures_util::stream::iter(first)
         .chain(rest)
-        .map(|piece| event("delta", &json!({ "text": piece })))
+        .map(|piece| delta_event(&piece))
         .chain(futures_util::stream::once(last))
         .map(Ok::<_, Infallible>);
     Ok(HttpResponse::Ok()
@@ -241,6 +241,21 @@ fn done_event(
     event("done", &body)
 }
 
+/// A `delta` event: `{"text": ...}` serialized straight from the piece, without building a
+/// JSON value first (one goes out for every piece the model writes).
+fn delta_event(text: &str) -> Bytes {
+    #[derive(Serialize)]
+    struct Delta<'a> {
+        text: &'a str,
+    }
+    let mut out = Vec::with_capacity(text.len() + 40);
+    out.extend_from_slice(b"event: delta\ndata: ");
+    // Writing a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut out, &Delta { text });
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
 /// One Server-Sent Event. JSON never holds a raw newline, so one `data:` line carries it.
 fn event(name: &str, data: &serde_json::Value) -> Bytes {
     Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
@@ -257,5 +272,17 @@ fn respond(outcome: TurnOutcome, backend: &'static str) -> CoreResponse {
         usage: outcome.usage,
         created_at: outcome.created_at,
         backend,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delta_event_is_the_json_value_it_stands_for() {
+        for text in ["word ", "a \"quote\"\nand a line\u{2028}é", ""] {
+            assert_eq!(delta_event(text), event("delta", &json!({ "text": text })));
+        }
     }
 }

@@ -48,30 +48,37 @@ impl SseParser {
     /// Feeds the next bytes of the body; returns the data of every event they complete, or an
     /// error once an event grows larger than the limit (the stream is then unreadable: nothing
     /// more should be fed).
-    pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<String>, EventTooLarge> {
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<Vec<String>, EventTooLarge> {
         let mut events = Vec::new();
-        for &byte in bytes {
-            if std::mem::take(&mut self.after_cr) && byte == b'\n' {
+        while let Some(&first) = bytes.first() {
+            if std::mem::take(&mut self.after_cr) && first == b'\n' {
+                bytes = &bytes[1..];
                 continue;
             }
-            match byte {
-                b'\n' => self.end_line(&mut events),
-                b'\r' => {
-                    self.end_line(&mut events);
-                    self.after_cr = true;
-                }
-                _ => {
-                    let held = self.data.as_ref().map_or(0, String::len) + self.line.len();
-                    if held >= self.max_event_bytes {
-                        self.line = Vec::new();
-                        self.data = None;
-                        return Err(EventTooLarge {
-                            max_bytes: self.max_event_bytes,
-                        });
-                    }
-                    self.line.push(byte);
-                }
+            // The line's bytes up to its end (or the chunk's), taken in one piece rather than
+            // byte by byte: a provider's stream is read in full, chunk after chunk.
+            let end = bytes
+                .iter()
+                .position(|&b| b == b'\n' || b == b'\r')
+                .unwrap_or(bytes.len());
+            let (text, rest) = bytes.split_at(end);
+            let held = self.data.as_ref().map_or(0, String::len) + self.line.len();
+            if held + text.len() > self.max_event_bytes {
+                self.line = Vec::new();
+                self.data = None;
+                return Err(EventTooLarge {
+                    max_bytes: self.max_event_bytes,
+                });
             }
+            self.line.extend_from_slice(text);
+            bytes = match rest.split_first() {
+                Some((&ending, after)) => {
+                    self.end_line(&mut events);
+                    self.after_cr = ending == b'\r';
+                    after
+                }
+                None => rest,
+            };
         }
         Ok(events)
     }

@@ -31,9 +31,11 @@ use crate::domain::{ConversationId, Message, NewMessage, UserId, next_created_at
 use crate::usage_log::{self, LEDGER_FILE, UsageRecord};
 
 const FILE_EXTENSION: &str = "json";
-/// Open conversations kept in memory (each holds a file descriptor); idle ones beyond this are
-/// closed. Well under macOS's default limit of 256 descriptors for a launchd agent.
-const MAX_OPEN: usize = 128;
+/// Conversations kept in memory (their recent messages and ids; no file descriptor, so
+/// macOS's limit of 256 descriptors for a launchd agent does not bound them); idle ones beyond
+/// this are dropped, to be read again when next used. Sized for thousands of conversations
+/// being answered at once: fewer made every turn read and parse its whole file again, twice.
+const MAX_OPEN: usize = 4096;
 /// While the disk is known to be full, `check` writes (then removes) a file this large to see
 /// whether there is room again: about a message of the largest size, however escaped.
 const PROBE_BYTES: usize = 256 << 10;
@@ -111,9 +113,9 @@ enum Record {
     Message(Message),
 }
 
+/// A conversation read into memory. Its file is opened only to write (see `append_lines`).
 struct OpenConversation {
     header: Header,
-    file: File,
     /// Bytes of whole records; a failed write is cut back to this.
     len: u64,
     next_seq: i64,
@@ -589,7 +591,7 @@ impl Inner {
         Ok(())
     }
 
-    /// The conversation's lock slot; closes idle conversations when too many are open.
+    /// The conversation's lock slot; drops idle conversations when too many are in memory.
     fn slot(&self, conversation: &ConversationId) -> Slot {
         let mut open = lock(&self.open);
         if let Some(slot) = open.get(conversation) {
@@ -711,8 +713,17 @@ impl Inner {
             return Err(StoreError::NotFound);
         };
         let added = lines.len() as u64;
-        if let Err(e) = self.write_durably(conversation, &open.file, open.len, lines, with) {
-            let _ = open.file.set_len(open.len);
+        let written = OpenOptions::new()
+            .write(true)
+            .open(self.path(conversation))
+            .and_then(|file| {
+                let written = self.write_durably(conversation, &file, open.len, lines, with);
+                if written.is_err() {
+                    let _ = file.set_len(open.len);
+                }
+                written
+            });
+        if let Err(e) = written {
             *slot = None;
             return Err(e.into());
         }
@@ -756,7 +767,6 @@ impl Inner {
         }
         let mut open = OpenConversation {
             header,
-            file,
             len,
             next_seq: 1,
             ids: HashMap::new(),
@@ -1436,7 +1446,6 @@ fn load(path: &Path, keep_recent: usize) -> Result<Option<OpenConversation>, Sto
     }
     let mut open = OpenConversation {
         header,
-        file,
         len,
         next_seq: 1,
         ids: HashMap::new(),
