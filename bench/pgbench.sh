@@ -72,7 +72,7 @@ SELECT * FROM (
     SELECT 0 AS part, NULL::text AS id, seq, NULL::text AS role, NULL::text AS surface_id, NULL::text AS content, created_at, NULL::text AS model, NULL::bigint AS prompt_tokens, NULL::bigint AS completion_tokens, NULL::float8 AS cost_usd, NULL::text AS origin FROM message
     UNION ALL
     (SELECT 1, m.id, m.seq, m.role, m.surface_id, m.content, m.created_at, m.model, m.prompt_tokens, m.completion_tokens, m.cost_usd, m.origin
-     FROM messages m, conversation WHERE m.conversation_pk = conversation.pk ORDER BY m.seq DESC LIMIT 19)
+     FROM messages m WHERE m.conversation_pk = (SELECT pk FROM conversation) ORDER BY m.seq DESC LIMIT 19)
 ) rows ORDER BY part, seq DESC;
 SQL
   echo "$conversation"

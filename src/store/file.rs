@@ -33,9 +33,10 @@ use crate::usage_log::{self, LEDGER_FILE, UsageRecord};
 const FILE_EXTENSION: &str = "json";
 /// Conversations kept in memory (their recent messages and ids; no file descriptor, so
 /// macOS's limit of 256 descriptors for a launchd agent does not bound them); idle ones beyond
-/// this are dropped, to be read again when next used. Sized for thousands of conversations
-/// being answered at once: fewer made every turn read and parse its whole file again, twice.
-const MAX_OPEN: usize = 4096;
+/// this are dropped, to be read again when next used. Sized for a thousand conversations
+/// being answered at once (fewer made every turn read and parse its whole file again, twice)
+/// while memory stays flat in the number of conversations (`bench/growth.sh`: about 4 KB each).
+const MAX_OPEN: usize = 1024;
 /// While the disk is known to be full, `check` writes (then removes) a file this large to see
 /// whether there is room again: about a message of the largest size, however escaped.
 const PROBE_BYTES: usize = 256 << 10;

@@ -264,6 +264,8 @@ static APPEND_CREATING: LazyLock<String> = LazyLock::new(|| {
 });
 /// [`APPEND_TO_EXISTING`], answering first the message's seq and time, then the messages
 /// before it, newest first, at most $14 (the snapshot's: those committed before it began).
+/// The conversation's key as a value (not a join), so that the plan walks the primary key
+/// back from the newest message however long the conversation is.
 static APPEND_QUESTION: LazyLock<String> = LazyLock::new(|| {
     format!(
         "{EXISTING_CONVERSATION}{MESSAGE_CTES}
@@ -274,8 +276,9 @@ static APPEND_QUESTION: LazyLock<String> = LazyLock::new(|| {
                  NULL::float8 AS cost_usd, NULL::text AS origin
              FROM message
              UNION ALL
-             (SELECT 1, {MESSAGE_COLUMNS} FROM messages m, conversation
-              WHERE m.conversation_pk = conversation.pk ORDER BY m.seq DESC LIMIT $14)
+             (SELECT 1, {MESSAGE_COLUMNS} FROM messages m
+              WHERE m.conversation_pk = (SELECT pk FROM conversation)
+              ORDER BY m.seq DESC LIMIT $14)
          ) rows ORDER BY part, seq DESC"
     )
 });
@@ -406,9 +409,10 @@ impl ConversationStore for PgStore {
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
         let mut messages: Vec<Message> = sqlx::query_as(&format!(
+            // The conversation's key as a value, not a join: a join may be planned as a scan
+            // of every message when the planner thinks the conversation is a large share.
             "SELECT {MESSAGE_COLUMNS} FROM messages m
-             JOIN conversations c ON c.pk = m.conversation_pk
-             WHERE {OWNED}
+             WHERE m.conversation_pk = (SELECT c.pk FROM conversations c WHERE {OWNED})
              ORDER BY m.seq DESC LIMIT $4"
         ))
         .bind(&owner.tenant)
