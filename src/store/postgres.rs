@@ -2,8 +2,10 @@
 //!
 //! An append is one statement: it bumps the conversation row (whose lock orders concurrent
 //! writers; a new conversation is created, with its owner, by a second one), inserts the
-//! message with the new seq and, for a reply, its usage row, all in one implicit transaction. Every query is scoped by tenant and
-//! user: a conversation is (tenant, user, id), so two users' `conv_demo` are two conversations.
+//! message with the new seq and, for a reply, its usage row, all in one implicit transaction.
+//! A question's append also answers the messages before it. Every query is scoped by tenant
+//! and user: a conversation is (tenant, user, id), so two users' `conv_demo` are two
+//! conversations.
 
 use std::sync::LazyLock;
 
@@ -156,11 +158,14 @@ impl PgStore {
         .await?)
     }
 
+    /// Appends `new` with the first of `statements` (append statements, below) that finds or
+    /// makes its conversation.
     async fn insert(
         &self,
         owner: &Owner,
         conversation: &ConversationId,
         new: &NewMessage,
+        statements: &[&str],
     ) -> Result<Message, sqlx::Error> {
         // Seq and time come from the database: the time is its clock's (the same for every
         // replica), but always after the conversation's newest message and after a deletion
@@ -171,7 +176,7 @@ impl PgStore {
         // orders concurrent writers, and the inserts. A new conversation takes a second
         // statement that creates it (and its owner) first.
         let mut row = None;
-        for statement in [&*APPEND_TO_EXISTING, &*APPEND_CREATING] {
+        for statement in statements {
             row = append_query(statement, owner, conversation, &message, new)
                 .fetch_optional(&self.pool)
                 .await?;
@@ -344,7 +349,8 @@ impl ConversationStore for PgStore {
                 existed: true,
             });
         }
-        match self.insert(owner, conversation, &new).await {
+        let statements = [APPEND_TO_EXISTING.as_str(), APPEND_CREATING.as_str()];
+        match self.insert(owner, conversation, &new, &statements).await {
             Ok(message) => Ok(Appended {
                 message,
                 existed: false,
@@ -372,12 +378,21 @@ impl ConversationStore for PgStore {
         limit: usize,
     ) -> Result<(Appended, Vec<Message>), StoreError> {
         // A keyed question may be stored already: `append_once` looks first.
-        if question.id.is_none()
-            && limit > 0
-            && let Some((message, history)) = self
+        if question.id.is_none() && limit > 0 {
+            let (message, history) = match self
                 .append_question_at_once(owner, conversation, &question, limit)
                 .await?
-        {
+            {
+                Some((message, history)) => (message, history),
+                // A new conversation (or a concurrent creator's, appended to).
+                None => {
+                    let creating = [APPEND_CREATING.as_str()];
+                    let message = self
+                        .insert(owner, conversation, &question, &creating)
+                        .await?;
+                    (message, None)
+                }
+            };
             let history = match history {
                 Some(history) => history,
                 None => self.recent(owner, conversation, limit).await?,

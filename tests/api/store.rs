@@ -33,6 +33,20 @@ fn user_message(surface: &str, text: &str) -> NewMessage {
 mod suite {
     use super::*;
 
+    pub async fn a_question_comes_back_with_the_messages_before_it(store: &dyn ConversationStore) {
+        let (ana, conv) = (owner("ana"), conversation("conv_question"));
+        for i in 1..=4 {
+            let (asked, history) = store
+                .append_question(&ana, &conv, user_message("cli", &format!("q{i}")), 3)
+                .await
+                .unwrap();
+            assert_eq!(asked.message.seq, i);
+            let seqs: Vec<i64> = history.iter().map(|m| m.seq).collect();
+            assert_eq!(seqs, ((i - 2).max(1)..=i).collect::<Vec<_>>());
+            assert_eq!(history.last().unwrap().content, format!("q{i}"));
+        }
+    }
+
     pub async fn appends_are_numbered_and_read_back_in_order(store: &dyn ConversationStore) {
         let (ana, conv) = (owner("ana"), conversation("conv_order"));
         for i in 1..=5 {
@@ -191,6 +205,7 @@ fn file_store(dir: &std::path::Path) -> FileStore {
 async fn file_store_passes_the_store_suite() {
     let dir = tempfile::tempdir().unwrap();
     let store = file_store(dir.path());
+    suite::a_question_comes_back_with_the_messages_before_it(&store).await;
     suite::appends_are_numbered_and_read_back_in_order(&store).await;
     suite::recent_returns_the_last_messages_oldest_first(&store).await;
     suite::conversations_are_private_to_their_owner(&store, suite::TakenIds::Refused).await;
@@ -311,9 +326,56 @@ async fn postgres_store_passes_the_store_suite(pool: sqlx::PgPool) {
         .await
         .unwrap();
     let store = maestra::store::PgStore::new(pool);
+    suite::a_question_comes_back_with_the_messages_before_it(&store).await;
     suite::appends_are_numbered_and_read_back_in_order(&store).await;
     suite::recent_returns_the_last_messages_oldest_first(&store).await;
     suite::conversations_are_private_to_their_owner(&store, suite::TakenIds::Separate).await;
     suite::delete_removes_the_conversation(&store).await;
     suite::concurrent_appends_get_distinct_seqs(Arc::new(store)).await;
+}
+
+/// A question's append reads the messages before it in the same statement, whose snapshot is
+/// taken before it waits for the conversation's row: a message another writer commits
+/// meanwhile is still in the history.
+#[sqlx::test]
+async fn postgres_question_history_holds_a_message_committed_while_it_waited(pool: sqlx::PgPool) {
+    sqlx::query("INSERT INTO tenants (id) VALUES ('t1')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let store = Arc::new(maestra::store::PgStore::new(pool.clone()));
+    let (ana, conv) = (owner("ana"), conversation("conv_race"));
+    store
+        .append(&ana, &conv, user_message("cli", "first"))
+        .await
+        .unwrap();
+    // Another writer holds the conversation's row while it stores its message.
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query(
+        "WITH c AS (UPDATE conversations SET last_seq = last_seq + 1
+                    WHERE id = 'conv_race' RETURNING pk, owner_id, last_seq, last_created_at)
+         INSERT INTO messages (conversation_pk, seq, id, role, surface_id, content, created_at,
+                               owner_id)
+         SELECT pk, last_seq, 'msg_other', 'user', 'mobile', 'meanwhile',
+                last_created_at + interval '1 millisecond', owner_id FROM c",
+    )
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    let asking = {
+        let (store, ana, conv) = (Arc::clone(&store), ana.clone(), conv.clone());
+        tokio::spawn(async move {
+            store
+                .append_question(&ana, &conv, user_message("cli", "third"), 20)
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!asking.is_finished(), "the question waits for the row");
+    other.commit().await.unwrap();
+    let (asked, history) = asking.await.unwrap();
+    assert_eq!(asked.message.seq, 3);
+    let contents: Vec<&str> = history.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(contents, ["first", "meanwhile", "third"]);
 }
