@@ -146,9 +146,7 @@ impl CloudSync {
         }
         Ok(response)
     }
-}
 
-impl CloudSync {
     /// Gives the owner's unnumbered messages (those written through the API) the next feed
     /// numbers, in the order they were written, and returns the owner's id and feed head.
     /// Under the owner's row lock: a number handed out is above every number already
