@@ -422,6 +422,18 @@ impl CloudApp {
             .unwrap()
     }
 
+    /// A sync pull's answer (`body`: origin, cursors, limit), which must be a success.
+    pub async fn pull(&self, key: &str, body: &Value) -> Value {
+        let response = self
+            .request(reqwest::Method::POST, "/api/maestra/sync/pull", Some(key))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
     /// The `/metrics` text, scraped with the metrics token.
     pub async fn metrics(&self, token: &str) -> String {
         self.request(reqwest::Method::GET, "/metrics", None)

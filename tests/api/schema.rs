@@ -131,15 +131,12 @@ async fn scoping_conversations_by_owner_keeps_every_message_and_its_order(
         [("ana".to_owned(), 3), ("ben".to_owned(), 1)],
         "a turn's messages wait for the next pull to be numbered"
     );
-    let pulled: Value = app
-        .request(Method::POST, "/api/maestra/sync/pull", Some(&key))
-        .json(&json!({"origin": "inst_phone", "cursors": {"ana": 3}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let pulled = app
+        .pull(
+            &key,
+            &json!({"origin": "inst_phone", "cursors": {"ana": 3}}),
+        )
+        .await;
     let contents: Vec<&str> = pulled["records"]
         .as_array()
         .unwrap()

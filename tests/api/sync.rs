@@ -484,15 +484,12 @@ async fn deletions_made_while_apart_reach_the_other_side_and_never_come_back(
         say(&local.address, None, conversation, "hello").await;
     }
     synced(&local).await;
-    let pushed: Value = cloud
-        .request(Method::POST, "/api/maestra/sync/pull", Some(&key))
-        .json(&json!({"origin": "inst_replayer", "cursors": {"ana": 0}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let pushed = cloud
+        .pull(
+            &key,
+            &json!({"origin": "inst_replayer", "cursors": {"ana": 0}}),
+        )
+        .await;
     assert_eq!(pushed["records"].as_array().unwrap().len(), 6);
 
     proxy.cut();
@@ -900,15 +897,12 @@ async fn nothing_crosses_between_tenants_or_users(_: PgPoolOptions, db: PgConnec
     let theirs = listing(&client, &globex_local.address, None, "ana", "conv_demo").await;
     assert_eq!(theirs.len(), 2);
     assert_eq!(theirs[0].1, "globex's own");
-    let pulled: Value = cloud
-        .request(Method::POST, "/api/maestra/sync/pull", Some(&globex))
-        .json(&json!({"origin": "inst_x", "cursors": {"ana": 0, "bob": 0}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let pulled = cloud
+        .pull(
+            &globex,
+            &json!({"origin": "inst_x", "cursors": {"ana": 0, "bob": 0}}),
+        )
+        .await;
     let contents: Vec<&str> = pulled["records"]
         .as_array()
         .unwrap()
@@ -1301,15 +1295,8 @@ async fn messages_written_while_an_install_pulls_reach_it_once_each(
         let (mut cursor, mut seen) = (0_i64, Vec::new());
         loop {
             let finished = done.load(std::sync::atomic::Ordering::SeqCst);
-            let page: Value = reader
-                .request(Method::POST, "/api/maestra/sync/pull", Some(&key))
-                .json(&json!({"origin": "inst_phone", "cursors": {"ana": cursor}, "limit": 7}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let body = json!({"origin": "inst_phone", "cursors": {"ana": cursor}, "limit": 7});
+            let page = reader.pull(&key, &body).await;
             let next = page["cursors"]["ana"].as_i64().unwrap();
             assert!(next >= cursor, "the cursor went back: {cursor} -> {next}");
             cursor = next;
