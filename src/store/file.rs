@@ -13,7 +13,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::mem;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,8 +57,6 @@ struct Inner {
     journal: Journal,
     files: Arc<StoreFiles>,
     deletions: Deletions,
-    /// Conversations written here since sync last asked (see `FileStore::take_changed`).
-    changed: Mutex<HashSet<ConversationId>>,
     /// Woken by every message written and every conversation deleted here.
     change: tokio::sync::Notify,
     /// Set when a write found the disk full, cleared by the next write that succeeds (or a
@@ -195,7 +192,6 @@ impl FileStore {
                 journal,
                 files,
                 deletions,
-                changed: Mutex::new(HashSet::new()),
                 change: tokio::sync::Notify::new(),
                 full: AtomicBool::new(false),
             }),
@@ -230,14 +226,7 @@ impl FileStore {
         });
     }
 
-    /// Sync's side of the store: what was written here, for the cloud.
-    ///
-    /// The conversations written here since the last call (cleared by it).
-    pub fn take_changed(&self) -> HashSet<ConversationId> {
-        mem::take(&mut lock(&self.inner.changed))
-    }
-
-    /// Wakes once something is written or deleted here.
+    /// Sync's side of the store: wakes once something is written or deleted here.
     pub async fn changed(&self) {
         self.inner.change.notified().await;
     }
@@ -694,9 +683,6 @@ impl Inner {
                 existed: false,
             })
         })?;
-        if !appended.existed {
-            lock(&self.changed).insert(conversation.clone());
-        }
         Ok(appended)
     }
 
