@@ -16,7 +16,7 @@ use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use anyhow::{Context, anyhow};
 use async_trait::async_trait;
@@ -53,7 +53,7 @@ struct Inner {
     dir: PathBuf,
     /// Messages kept in memory per open conversation, so the history window costs no read.
     keep_recent: usize,
-    open: Mutex<HashMap<ConversationId, Arc<Mutex<Option<OpenConversation>>>>>,
+    open: Mutex<HashMap<ConversationId, Slot>>,
     journal: Journal,
     files: Arc<StoreFiles>,
     deletions: Deletions,
@@ -355,7 +355,7 @@ impl FileStore {
         result
     }
 
-    /// `append_once`, with the reply's ledger line when it is `priced`.
+    /// An append, with the reply's ledger line when it is `priced`.
     async fn append_priced(
         &self,
         owner: &Owner,
@@ -363,10 +363,18 @@ impl FileStore {
         message: NewMessage,
         priced: Option<Priced>,
     ) -> Result<Appended, StoreError> {
-        let (owner, conversation) = (owner.clone(), conversation.clone());
-        let appended = self
-            .blocking(move |inner| inner.append_once(&owner, &conversation, message, priced))
-            .await;
+        let (inner, owner, conversation) =
+            (Arc::clone(&self.inner), owner.clone(), conversation.clone());
+        // A task of its own: once its line is handed to the journal, the append must see it
+        // through (the conversation's length and seq follow it), whether or not the caller
+        // still waits.
+        let appended = tokio::spawn(async move {
+            inner
+                .append_awaiting(&owner, &conversation, message, priced)
+                .await
+        })
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Other(anyhow!("file store task failed: {e}"))));
         let appended = self.noted(appended)?;
         if !appended.existed {
             self.inner.change.notify_one();
@@ -411,10 +419,8 @@ impl ConversationStore for FileStore {
 
     async fn record_cost(&self, record: &UsageRecord<'_>) -> Result<(), StoreError> {
         let line = ledger_entry(record)?;
-        let result = self
-            .blocking(move |inner| Ok(inner.journal.commit(line)?))
-            .await;
-        self.noted(result)
+        let result = self.inner.journal.commit_async(line).await;
+        self.noted(result.map_err(StoreError::from))
     }
 
     async fn find(
@@ -516,7 +522,39 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-type Slot = Arc<Mutex<Option<OpenConversation>>>;
+/// What `Inner::prepare_append` leaves to do.
+enum Prepared {
+    /// Handed to the journal next (`Inner::finish_append`).
+    Line(PendingLine),
+    /// Nothing: this is the append's result.
+    Done(Result<Appended, StoreError>),
+    /// On the blocking pool.
+    Elsewhere(Elsewhere),
+}
+
+/// Appends that block: `Inner::append_awaiting` hands them to the blocking pool.
+enum Elsewhere {
+    /// The file is to be read or created, or the message may be there already.
+    Message(NewMessage),
+    /// A line longer than one journal entry, written in pieces.
+    Long {
+        message: Message,
+        line: Vec<u8>,
+        with: Vec<Entry>,
+    },
+}
+
+/// A message's line ready for the journal: room made for it at the end of `file`.
+struct PendingLine {
+    message: Message,
+    file: File,
+    entry: Entry,
+    added: u64,
+}
+
+/// A conversation's lock: held by an append until its line is durable, which an async append
+/// awaits (so it is tokio's; blocking-pool code takes it with `blocking_lock`).
+type Slot = Arc<tokio::sync::Mutex<Option<OpenConversation>>>;
 
 impl Inner {
     fn path(&self, conversation: &ConversationId) -> PathBuf {
@@ -552,15 +590,7 @@ impl Inner {
     ) -> io::Result<()> {
         reserve(file, offset, bytes.len() as u64)?;
         let name = conversation.as_str();
-        let piece = self
-            .journal
-            .max_write(name)
-            .saturating_sub(if with.is_empty() {
-                0
-            } else {
-                Journal::group_overhead(&with)
-            })
-            .max(1);
+        let piece = self.room_for_one_entry(conversation, &with);
         let pieces = bytes.len().div_ceil(piece);
         let mut with = Some(with);
         for (i, chunk) in bytes.chunks(piece).enumerate() {
@@ -602,11 +632,26 @@ impl Inner {
         work: impl FnOnce(&mut Option<OpenConversation>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let slot = self.slot(conversation);
-        let mut guard = lock(&slot);
-        if guard.is_none() {
-            *guard = load(&self.path(conversation), self.keep_recent)?;
-        }
+        // Uncontended — always so while the store opens, which async code does — it takes
+        // the lock without blocking (`blocking_lock` refuses to run on an async thread).
+        let mut guard = match slot.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => slot.blocking_lock(),
+        };
+        self.load_into(conversation, &mut guard)?;
         work(&mut guard)
+    }
+
+    /// Reads the conversation from disk if it is not open yet.
+    fn load_into(
+        &self,
+        conversation: &ConversationId,
+        slot: &mut Option<OpenConversation>,
+    ) -> Result<(), StoreError> {
+        if slot.is_none() {
+            *slot = load(&self.path(conversation), self.keep_recent)?;
+        }
+        Ok(())
     }
 
     fn owned<'a>(
@@ -619,71 +664,196 @@ impl Inner {
         }
     }
 
-    fn append_once(
-        &self,
+    /// `append_once` for async callers. The usual append (the conversation open in memory, a
+    /// new message whose line is one journal entry) is prepared on the caller's thread, as an
+    /// open and an `fallocate` cost less than a hand-off to the blocking pool, and waits for
+    /// the journal's flush without holding a thread: thousands of turns in flight would
+    /// otherwise each park a thread of the pool. Anything else goes to the pool as before.
+    async fn append_awaiting(
+        self: Arc<Self>,
         owner: &Owner,
         conversation: &ConversationId,
         new: NewMessage,
         priced: Option<Priced>,
     ) -> Result<Appended, StoreError> {
-        let ledger_line = |message: &Message| -> Result<Vec<Entry>, StoreError> {
-            let Some(priced) = &priced else {
-                return Ok(Vec::new());
-            };
-            let usage = message.usage.unwrap_or_default();
-            let line = ledger_entry(&UsageRecord {
-                ts: message.created_at,
-                request_id: &priced.request_id,
-                conversation_id: Some(conversation),
-                user_id: &priced.user_id,
-                surface_id: &priced.surface_id,
-                model: message.model.as_deref().unwrap_or_default(),
-                latency_ms: priced.latency_ms,
-                prompt_tokens: usage.prompt_tokens,
-                completion_tokens: usage.completion_tokens,
-                cost_usd: usage.cost_usd,
-            })?;
-            Ok(vec![line])
+        let mut slot = self.slot(conversation).lock_owned().await;
+        let prepared = self.prepare_append(&mut slot, owner, conversation, new, priced.as_ref());
+        let elsewhere = match prepared {
+            Prepared::Line(line) => return self.finish_append(&mut slot, line).await,
+            Prepared::Done(result) => return result,
+            Prepared::Elsewhere(elsewhere) => elsewhere,
         };
-        let appended = self.with_conversation(conversation, |slot| {
-            let Some(open) = slot.as_mut() else {
-                let created_at = next_created_at(
-                    self.deletions
-                        .latest(conversation)
-                        .map(|deletion| deletion.deleted_at),
-                );
-                let message = new.into_message(1, created_at);
-                let with = ledger_line(&message)?;
-                *slot = Some(self.create(owner, conversation, vec![message.clone()], with)?);
-                return Ok(Appended {
-                    message,
-                    existed: false,
-                });
-            };
-            if !open.header.is_owned_by(owner) {
-                return Err(StoreError::NotFound);
+        let (inner, owner, conversation) = (Arc::clone(&self), owner.clone(), conversation.clone());
+        tokio::task::spawn_blocking(move || match elsewhere {
+            Elsewhere::Message(new) => {
+                inner.load_into(&conversation, &mut slot)?;
+                inner.append_to(&mut slot, &owner, &conversation, new, priced.as_ref())
             }
-            if let Some(id) = &new.id
-                && let Some(found) = self.stored(conversation, open, id)?
-            {
-                return Ok(Appended {
-                    message: found,
-                    existed: true,
-                });
+            Elsewhere::Long {
+                message,
+                line,
+                with,
+            } => {
+                inner.append_lines(&conversation, &mut slot, line, with)?;
+                Ok(inner.remembered(&mut slot, message))
             }
-            let message = new.into_message(open.next_seq, next_created_at(open.last_created_at));
-            let line = encode(&Record::Message(message.clone()))?;
-            let with = ledger_line(&message)?;
-            self.append_lines(conversation, slot, line, with)?;
-            if let Some(open) = slot.as_mut() {
-                open.remember(message.clone(), self.keep_recent);
+        })
+        .await
+        .map_err(|e| StoreError::Other(anyhow!("file store task failed: {e}")))?
+    }
+
+    /// See `append_awaiting`: the usual append, up to handing its line to the journal.
+    fn prepare_append(
+        &self,
+        slot: &mut Option<OpenConversation>,
+        owner: &Owner,
+        conversation: &ConversationId,
+        new: NewMessage,
+        priced: Option<&Priced>,
+    ) -> Prepared {
+        let Some(open) = slot.as_mut() else {
+            return Prepared::Elsewhere(Elsewhere::Message(new));
+        };
+        if !open.header.is_owned_by(owner) {
+            return Prepared::Done(Err(StoreError::NotFound));
+        }
+        if new.id.as_ref().is_some_and(|id| open.ids.contains_key(id)) {
+            return Prepared::Elsewhere(Elsewhere::Message(new));
+        }
+        let message = new.into_message(open.next_seq, next_created_at(open.last_created_at));
+        let encoded = encode(&Record::Message(message.clone()))
+            .and_then(|line| Ok((line, ledger_lines(conversation, &message, priced)?)));
+        let (line, with) = match encoded {
+            Ok(encoded) => encoded,
+            Err(e) => return Prepared::Done(Err(e)),
+        };
+        if line.len() > self.room_for_one_entry(conversation, &with) {
+            return Prepared::Elsewhere(Elsewhere::Long {
+                message,
+                line,
+                with,
+            });
+        }
+        let offset = open.len;
+        let file = OpenOptions::new()
+            .write(true)
+            .open(self.path(conversation))
+            .and_then(|file| {
+                if let Err(e) = reserve(&file, offset, line.len() as u64) {
+                    let _ = file.set_len(offset);
+                    return Err(e);
+                }
+                Ok(file)
+            });
+        let file = match file {
+            Ok(file) => file,
+            Err(e) => {
+                *slot = None;
+                return Prepared::Done(Err(e.into()));
             }
-            Ok(Appended {
+        };
+        let added = line.len() as u64;
+        let write = Entry::Write {
+            file: conversation.as_str().to_owned(),
+            offset,
+            bytes: line,
+        };
+        let entry = if with.is_empty() {
+            write
+        } else {
+            Entry::Group([vec![write], with].concat())
+        };
+        Prepared::Line(PendingLine {
+            message,
+            file,
+            entry,
+            added,
+        })
+    }
+
+    /// Waits for the prepared line to be durable, then counts it in the open conversation; on
+    /// failure cuts the file back, as `append_lines` does.
+    async fn finish_append(
+        &self,
+        slot: &mut Option<OpenConversation>,
+        line: PendingLine,
+    ) -> Result<Appended, StoreError> {
+        if let Err(e) = self.journal.commit_async(line.entry).await {
+            if let Some(open) = slot.as_ref() {
+                let _ = line.file.set_len(open.len);
+            }
+            *slot = None;
+            return Err(e.into());
+        }
+        if let Some(open) = slot.as_mut() {
+            open.len += line.added;
+        }
+        Ok(self.remembered(slot, line.message))
+    }
+
+    /// A message just appended, kept in the open conversation's memory.
+    fn remembered(&self, slot: &mut Option<OpenConversation>, message: Message) -> Appended {
+        if let Some(open) = slot.as_mut() {
+            open.remember(message.clone(), self.keep_recent);
+        }
+        Appended {
+            message,
+            existed: false,
+        }
+    }
+
+    /// The longest line `write_durably` writes as one journal entry, with `with`.
+    fn room_for_one_entry(&self, conversation: &ConversationId, with: &[Entry]) -> usize {
+        let overhead = if with.is_empty() {
+            0
+        } else {
+            Journal::group_overhead(with)
+        };
+        self.journal
+            .max_write(conversation.as_str())
+            .saturating_sub(overhead)
+            .max(1)
+    }
+
+    /// An append on the conversation's locked slot, loaded (see `append_awaiting`).
+    fn append_to(
+        &self,
+        slot: &mut Option<OpenConversation>,
+        owner: &Owner,
+        conversation: &ConversationId,
+        new: NewMessage,
+        priced: Option<&Priced>,
+    ) -> Result<Appended, StoreError> {
+        let Some(open) = slot.as_mut() else {
+            let created_at = next_created_at(
+                self.deletions
+                    .latest(conversation)
+                    .map(|deletion| deletion.deleted_at),
+            );
+            let message = new.into_message(1, created_at);
+            let with = ledger_lines(conversation, &message, priced)?;
+            *slot = Some(self.create(owner, conversation, vec![message.clone()], with)?);
+            return Ok(Appended {
                 message,
                 existed: false,
-            })
-        })?;
-        Ok(appended)
+            });
+        };
+        if !open.header.is_owned_by(owner) {
+            return Err(StoreError::NotFound);
+        }
+        if let Some(id) = &new.id
+            && let Some(found) = self.stored(conversation, open, id)?
+        {
+            return Ok(Appended {
+                message: found,
+                existed: true,
+            });
+        }
+        let message = new.into_message(open.next_seq, next_created_at(open.last_created_at));
+        let line = encode(&Record::Message(message.clone()))?;
+        let with = ledger_lines(conversation, &message, priced)?;
+        self.append_lines(conversation, slot, line, with)?;
+        Ok(self.remembered(slot, message))
     }
 
     /// Appends whole lines at the end of the open conversation's file, durably, with `with`
@@ -959,11 +1129,7 @@ impl Inner {
         limit: usize,
     ) -> Option<Result<Vec<Message>, StoreError>> {
         let slot = lock(&self.open).get(conversation).map(Arc::clone)?;
-        let guard = match slot.try_lock() {
-            Ok(guard) => guard,
-            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(TryLockError::WouldBlock) => return None,
-        };
+        let guard = slot.try_lock().ok()?;
         let open = guard.as_ref()?;
         if !open.header.is_owned_by(owner) {
             return Some(Err(StoreError::NotFound));
@@ -1140,6 +1306,31 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Makes room for `len` bytes at `offset` in `file` without changing its size, so that
 /// writing them later cannot meet a full disk. Where the filesystem cannot (no `fallocate`),
 /// the write itself will tell.
+/// A reply's line of the cost ledger, when it is `priced`: to be durable with the reply.
+fn ledger_lines(
+    conversation: &ConversationId,
+    message: &Message,
+    priced: Option<&Priced>,
+) -> Result<Vec<Entry>, StoreError> {
+    let Some(priced) = priced else {
+        return Ok(Vec::new());
+    };
+    let usage = message.usage.unwrap_or_default();
+    let line = ledger_entry(&UsageRecord {
+        ts: message.created_at,
+        request_id: &priced.request_id,
+        conversation_id: Some(conversation),
+        user_id: &priced.user_id,
+        surface_id: &priced.surface_id,
+        model: message.model.as_deref().unwrap_or_default(),
+        latency_ms: priced.latency_ms,
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        cost_usd: usage.cost_usd,
+    })?;
+    Ok(vec![line])
+}
+
 fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
     use rustix::fs::{FallocateFlags, fallocate};
     use rustix::io::Errno;
@@ -1839,6 +2030,49 @@ mod tests {
             store.find(&owner(), &conv, "msg_fixed").await.unwrap(),
             Some(first.message)
         );
+    }
+
+    /// Thousands of turns in flight each wait for the journal's flush: an append to an open
+    /// conversation waits without a thread of the blocking pool (here its only one is taken).
+    #[test]
+    fn appends_to_open_conversations_wait_for_their_flush_without_a_blocking_thread() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(1)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (_data, conversations, journal) = folders();
+            let store = FileStore::open(&conversations, &journal, 20).unwrap();
+            let ids: Vec<_> = (0..16).map(|i| id(&format!("conv_{i}"))).collect();
+            for conv in &ids {
+                store
+                    .append_once(&owner(), conv, say("first"))
+                    .await
+                    .unwrap();
+            }
+            let (release, held) = std::sync::mpsc::channel::<()>();
+            let taken = tokio::task::spawn_blocking(move || held.recv());
+            let ana = owner();
+            let appends = ids
+                .iter()
+                .map(|conv| store.append_once(&ana, conv, say("second")));
+            let appended = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                futures_util::future::join_all(appends),
+            )
+            .await
+            .expect("the appends waited for the blocking pool");
+            release.send(()).unwrap();
+            taken.await.unwrap().unwrap();
+            for (conv, appended) in ids.iter().zip(appended) {
+                assert_eq!(appended.unwrap().message.seq, 2);
+                assert_eq!(
+                    contents(&store, conv.as_str()).await,
+                    [(1, "first".to_owned()), (2, "second".to_owned())]
+                );
+            }
+        });
     }
 
     #[tokio::test]

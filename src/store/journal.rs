@@ -8,8 +8,10 @@
 //! holds or held it: a change is never half there, and a [`Entry::Group`] of changes (a reply
 //! and its ledger line) is there whole or not at all. One flush at a time writes everything
 //! gathered since the last one, so concurrent appends to different conversations share a
-//! single `fdatasync` and flushes never queue in the device. The journal is two zero-filled
-//! segments overwritten in place: a flush writes data only, never a file size or a block map.
+//! single `fdatasync` and flushes never queue in the device. A blocking caller runs a flush
+//! itself when none is under way; an async one waits without a thread, its flush run by the
+//! journal's flusher thread. The journal is two zero-filled segments overwritten in place: a
+//! flush writes data only, never a file size or a block map.
 //!
 //! When the active segment is full the journal moves on to the other one, and a checkpointer
 //! thread flushes the files the full segment touched (all of its entries were carried out
@@ -206,6 +208,7 @@ pub struct Journal {
     shared: Arc<Shared>,
     capacity: usize,
     checkpointer: Mutex<Option<JoinHandle<()>>>,
+    flusher: Mutex<Option<JoinHandle<()>>>,
 }
 
 struct Shared {
@@ -216,8 +219,12 @@ struct Shared {
     writer: Mutex<Writer>,
     /// The checkpointer waits here for a full segment.
     to_checkpoint: Condvar,
+    /// The flusher waits here for a flush an async caller asked for.
+    to_flush: Condvar,
     /// Callers wait here for their flush, the writer for a clean segment.
     progress: Condvar,
+    /// Async callers (`Journal::commit_async`) wait here for their flush.
+    settled: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -238,8 +245,10 @@ struct State {
     failure: Option<String>,
     /// Set by `close`: no new commit, no new flush.
     stopping: bool,
-    /// Set by `close` once no flush is under way: the checkpointer may exit.
-    checkpointer_done: bool,
+    /// A flush asked for by an async caller, for the flusher thread to run.
+    flush_wanted: bool,
+    /// Set by `close` once no flush is under way: the checkpointer and the flusher may exit.
+    threads_done: bool,
     /// A full segment waiting to be checkpointed, with the files it touched.
     checkpoint: Option<(usize, HashSet<String>)>,
     /// Which segments hold nothing a crash would need (so may be overwritten).
@@ -270,6 +279,36 @@ impl State {
             self.refused.swap_remove(index);
         }
         Some(error)
+    }
+}
+
+/// What a caller waiting for its ticket does next.
+enum Step {
+    Settled(io::Result<()>),
+    /// A flush is under way: its end wakes the caller.
+    Wait,
+    /// Nobody is flushing: the caller starts a flush (`Shared::flush_round`), marked as under
+    /// way already.
+    Lead,
+}
+
+impl State {
+    fn next_step(&mut self, ticket: u64) -> Step {
+        // Settled first: an entry flushed before a failure was still made durable.
+        if self.durable >= ticket {
+            return Step::Settled(self.refusal(ticket).map_or(Ok(()), Err));
+        }
+        if let Some(failure) = &self.failure {
+            return Step::Settled(Err(io::Error::other(failure.clone())));
+        }
+        if self.flushing {
+            return Step::Wait;
+        }
+        if self.stopping {
+            return Step::Settled(Err(io::Error::other("the store is closed")));
+        }
+        self.flushing = true;
+        Step::Lead
     }
 }
 
@@ -530,7 +569,9 @@ impl Journal {
                 closed: false,
             }),
             to_checkpoint: Condvar::new(),
+            to_flush: Condvar::new(),
             progress: Condvar::new(),
+            settled: tokio::sync::Notify::new(),
         });
         let checkpointer = {
             let shared = Arc::clone(&shared);
@@ -538,10 +579,17 @@ impl Journal {
                 .name("journal-checkpoint".into())
                 .spawn(move || shared.run_checkpoints())?
         };
+        let flusher = {
+            let shared = Arc::clone(&shared);
+            thread::Builder::new()
+                .name("journal-flush".into())
+                .spawn(move || shared.run_flushes())?
+        };
         Ok(Journal {
             shared,
             capacity: (segment_bytes - HEADER_LEN) as usize,
             checkpointer: Mutex::new(Some(checkpointer)),
+            flusher: Mutex::new(Some(flusher)),
         })
     }
 
@@ -584,71 +632,66 @@ impl Journal {
     /// and flushes everything gathered so far, its own entry and those of the callers waiting;
     /// callers that arrive meanwhile gather for the next flush. Alone, a caller flushes at once.
     pub fn commit(&self, entry: Entry) -> io::Result<()> {
+        let shared = &*self.shared;
+        let mut state = lock(&shared.state);
+        let ticket = self.submit(&mut state, entry)?;
+        loop {
+            match state.next_step(ticket) {
+                Step::Settled(result) => return result,
+                Step::Wait => state = wait(&shared.progress, state),
+                Step::Lead => {
+                    drop(state);
+                    shared.flush_round();
+                    state = lock(&shared.state);
+                }
+            }
+        }
+    }
+
+    /// `commit` for async callers: the wait holds no thread. When no flush is under way the
+    /// journal's flusher thread runs one, for everything gathered by then; so thousands of
+    /// appends waiting on the disk cost one thread, not one each. (Not the blocking pool: its
+    /// threads may all be taken by `commit` callers waiting for that very flush.)
+    pub async fn commit_async(&self, entry: Entry) -> io::Result<()> {
+        let shared = &self.shared;
+        let ticket = self.submit(&mut lock(&shared.state), entry)?;
+        loop {
+            // Listening before looking: a flush that ends in between still wakes this one.
+            let settled = shared.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            let lead = {
+                let mut state = lock(&shared.state);
+                match state.next_step(ticket) {
+                    Step::Settled(result) => return result,
+                    Step::Wait => false,
+                    Step::Lead => {
+                        state.flush_wanted = true;
+                        true
+                    }
+                }
+            };
+            if lead {
+                shared.to_flush.notify_one();
+            }
+            settled.await;
+        }
+    }
+
+    /// Hands `entry` in: its ticket says when it is settled (see `State::next_step`).
+    fn submit(&self, state: &mut State, entry: Entry) -> io::Result<u64> {
         if !self.accepts(&entry) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "an entry larger than a journal segment",
             ));
         }
-        let shared = &*self.shared;
-        let mut state = lock(&shared.state);
         if state.stopping {
             return Err(io::Error::other("the store is closed"));
         }
         state.pending.push(entry);
         state.submitted += 1;
-        let ticket = state.submitted;
-        loop {
-            // Settled first: an entry flushed before a failure was still made durable.
-            if state.durable >= ticket {
-                return state.refusal(ticket).map_or(Ok(()), Err);
-            }
-            if let Some(failure) = &state.failure {
-                return Err(io::Error::other(failure.clone()));
-            }
-            if state.flushing {
-                state = wait(&shared.progress, state);
-                continue;
-            }
-            if state.stopping {
-                return Err(io::Error::other("the store is closed"));
-            }
-            state.flushing = true;
-            // Riders go first: they came before (a rider is never counted as a caller).
-            let riders = mem::take(&mut state.riding);
-            let mut batch = mem::take(&mut state.pending);
-            let first = state.submitted - batch.len() as u64;
-            let riding = riders.len();
-            batch.splice(0..0, riders);
-            drop(state);
-            let (flushed, written) = lock(&shared.writer).write(shared, &batch);
-            batch.drain(..riding);
-            let flushed = flushed.saturating_sub(riding);
-            state = lock(&shared.state);
-            state.flushing = false;
-            state.durable = first + flushed as u64;
-            match written {
-                Ok(()) => {}
-                Err(e) if is_storage_full(&e) => {
-                    // This batch is refused (its callers cut their files back); the next goes on.
-                    tracing::warn!(error = %e, "the disk is full: appends refused");
-                    let (after, through) = (state.durable, first + batch.len() as u64);
-                    state.refused.push(Refusal {
-                        after,
-                        through,
-                        waiting: through - after,
-                        kind: e.kind(),
-                        message: format!("the disk is full: {e}"),
-                    });
-                    state.durable = through;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "the store's journal cannot be written");
-                    state.failure = Some(format!("the store's journal cannot be written: {e}"));
-                }
-            }
-            shared.progress.notify_all();
-        }
+        Ok(state.submitted)
     }
 
     /// A crash, as far as the journal can tell: stops accepting entries and leaves what it
@@ -690,11 +733,14 @@ impl Journal {
                     state.failure = Some(format!("the store's journal cannot be written: {e}"));
                 }
             }
-            state.checkpointer_done = true;
+            state.threads_done = true;
             self.shared.to_checkpoint.notify_all();
+            self.shared.to_flush.notify_all();
         }
-        if let Some(checkpointer) = lock(&self.checkpointer).take() {
-            let _ = checkpointer.join();
+        for thread in [&self.checkpointer, &self.flusher] {
+            if let Some(thread) = lock(thread).take() {
+                let _ = thread.join();
+            }
         }
         let handed_over = {
             let mut state = lock(&self.shared.state);
@@ -889,12 +935,72 @@ fn apply(shared: &Shared, entries: &[Entry]) -> io::Result<()> {
 }
 
 impl Shared {
+    /// One flush, by the caller `State::next_step` chose: writes, flushes and carries out
+    /// everything gathered so far, then wakes every waiting caller (one of them leads the next
+    /// flush if entries came in meanwhile).
+    fn flush_round(&self) {
+        let mut state = lock(&self.state);
+        // Riders go first: they came before (a rider is never counted as a caller).
+        let riders = mem::take(&mut state.riding);
+        let mut batch = mem::take(&mut state.pending);
+        let first = state.submitted - batch.len() as u64;
+        let riding = riders.len();
+        batch.splice(0..0, riders);
+        drop(state);
+        let (flushed, written) = lock(&self.writer).write(self, &batch);
+        batch.drain(..riding);
+        let flushed = flushed.saturating_sub(riding);
+        let mut state = lock(&self.state);
+        state.flushing = false;
+        state.durable = first + flushed as u64;
+        match written {
+            Ok(()) => {}
+            Err(e) if is_storage_full(&e) => {
+                // This batch is refused (its callers cut their files back); the next goes on.
+                tracing::warn!(error = %e, "the disk is full: appends refused");
+                let (after, through) = (state.durable, first + batch.len() as u64);
+                state.refused.push(Refusal {
+                    after,
+                    through,
+                    waiting: through - after,
+                    kind: e.kind(),
+                    message: format!("the disk is full: {e}"),
+                });
+                state.durable = through;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the store's journal cannot be written");
+                state.failure = Some(format!("the store's journal cannot be written: {e}"));
+            }
+        }
+        drop(state);
+        self.progress.notify_all();
+        self.settled.notify_waiters();
+    }
+
+    /// Until the journal stops: the flushes async callers ask for (`Journal::commit_async`).
+    fn run_flushes(&self) {
+        loop {
+            {
+                let mut state = lock(&self.state);
+                while !state.flush_wanted {
+                    if state.threads_done {
+                        return;
+                    }
+                    state = wait(&self.to_flush, state);
+                }
+                state.flush_wanted = false;
+            }
+            self.flush_round();
+        }
+    }
+
     /// Until the journal stops: flushes the files a full segment touched, then erases it.
     fn run_checkpoints(&self) {
         loop {
             let (segment, touched) = {
                 let mut state = lock(&self.state);
-                while state.checkpoint.is_none() && !state.checkpointer_done {
+                while state.checkpoint.is_none() && !state.threads_done {
                     state = wait(&self.to_checkpoint, state);
                 }
                 match state.checkpoint.take() {
