@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use futures_util::FutureExt;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -43,10 +44,12 @@ impl Turns {
     {
         self.inner.running.fetch_add(1, Ordering::AcqRel);
         let running = Running(Arc::clone(&self.inner));
-        tokio::spawn(async move {
-            let _running = running;
-            work.await
-        })
+        // Counted until the task ends or is dropped. (`map`, not an async block, which would
+        // hold `work` twice.)
+        tokio::spawn(work.map(move |output| {
+            drop(running);
+            output
+        }))
     }
 
     /// How many turns are running now.

@@ -11,9 +11,10 @@ tokio::task_local! {
     static REQUEST_ID: String;
 }
 
-/// Runs `future` with `id` as the current request id.
-pub async fn scope<F: Future>(id: String, future: F) -> F::Output {
-    REQUEST_ID.scope(id, future).await
+/// Runs `future` with `id` as the current request id. (Not an `async fn`: that would hold
+/// `future` twice, once as its argument and once as the scope it awaits.)
+pub fn scope<F: Future>(id: String, future: F) -> impl Future<Output = F::Output> {
+    REQUEST_ID.scope(id, future)
 }
 
 /// The current request's id; empty outside a request.

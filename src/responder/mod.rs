@@ -111,9 +111,10 @@ tokio::task_local! {
 pub struct ProviderClock(Arc<AtomicU64>);
 
 impl ProviderClock {
-    /// Runs `future` with this clock as the current one.
-    pub async fn scope<F: Future>(self, future: F) -> F::Output {
-        PROVIDER_WAIT.scope(self.0, future).await
+    /// Runs `future` with this clock as the current one. (Not an `async fn`, which would hold
+    /// `future` twice.)
+    pub fn scope<F: Future>(self, future: F) -> impl Future<Output = F::Output> {
+        PROVIDER_WAIT.scope(self.0, future)
     }
 
     /// The current request's clock, or a new one that nobody reads.
