@@ -544,6 +544,32 @@ enum Elsewhere {
     },
 }
 
+/// What the blocking pool left an async append to do.
+enum Blocked {
+    /// Nothing: the message is stored.
+    Appended(Appended),
+    /// Wait for a new conversation's first bytes (`Inner::finish_create`).
+    Creating(PendingCreate),
+}
+
+/// A new conversation's file, created empty (see `Inner::create`).
+struct NewFile {
+    header: Header,
+    /// Its header and first messages.
+    bytes: Vec<u8>,
+    path: PathBuf,
+    file: File,
+}
+
+/// A new conversation whose first bytes are handed to the journal next.
+struct PendingCreate {
+    header: Header,
+    len: u64,
+    path: PathBuf,
+    entry: Entry,
+    message: Message,
+}
+
 /// A message's line ready for the journal: room made for it at the end of `file`.
 struct PendingLine {
     message: Message,
@@ -684,22 +710,104 @@ impl Inner {
             Prepared::Elsewhere(elsewhere) => elsewhere,
         };
         let (inner, owner, conversation) = (Arc::clone(&self), owner.clone(), conversation.clone());
-        tokio::task::spawn_blocking(move || match elsewhere {
-            Elsewhere::Message(new) => {
-                inner.load_into(&conversation, &mut slot)?;
-                inner.append_to(&mut slot, &owner, &conversation, new, priced.as_ref())
-            }
-            Elsewhere::Long {
-                message,
-                line,
-                with,
-            } => {
-                inner.append_lines(&conversation, &mut slot, line, with)?;
-                Ok(inner.remembered(&mut slot, message))
-            }
+        let (mut slot, blocked) = tokio::task::spawn_blocking(move || {
+            let blocked = match elsewhere {
+                Elsewhere::Message(new) => {
+                    inner
+                        .load_into(&conversation, &mut slot)
+                        .and_then(|()| match slot.as_ref() {
+                            None => inner.prepare_create(
+                                &mut slot,
+                                &owner,
+                                &conversation,
+                                new,
+                                priced.as_ref(),
+                            ),
+                            Some(_) => inner
+                                .append_to(&mut slot, &owner, &conversation, new, priced.as_ref())
+                                .map(Blocked::Appended),
+                        })
+                }
+                Elsewhere::Long {
+                    message,
+                    line,
+                    with,
+                } => inner
+                    .append_lines(&conversation, &mut slot, line, with)
+                    .map(|()| Blocked::Appended(inner.remembered(&mut slot, message))),
+            };
+            (slot, blocked)
         })
         .await
-        .map_err(|e| StoreError::Other(anyhow!("file store task failed: {e}")))?
+        .map_err(|e| StoreError::Other(anyhow!("file store task failed: {e}")))?;
+        match blocked? {
+            Blocked::Appended(appended) => Ok(appended),
+            Blocked::Creating(created) => self.finish_create(&mut slot, created).await,
+        }
+    }
+
+    /// A new conversation's first message, up to handing its file's first bytes to the
+    /// journal (`finish_create` waits for them); one too long for a journal entry is written
+    /// here, as `create` does.
+    fn prepare_create(
+        &self,
+        slot: &mut Option<OpenConversation>,
+        owner: &Owner,
+        conversation: &ConversationId,
+        new: NewMessage,
+        priced: Option<&Priced>,
+    ) -> Result<Blocked, StoreError> {
+        let created_at = next_created_at(
+            self.deletions
+                .latest(conversation)
+                .map(|deletion| deletion.deleted_at),
+        );
+        let message = new.into_message(1, created_at);
+        let with = ledger_lines(conversation, &message, priced)?;
+        let file = self.new_file(owner, conversation, std::slice::from_ref(&message))?;
+        if file.bytes.len() > self.room_for_one_entry(conversation, &with) {
+            *slot = Some(self.fill(conversation, file, vec![message.clone()], with)?);
+            return Ok(Blocked::Appended(Appended {
+                message,
+                existed: false,
+            }));
+        }
+        let len = file.bytes.len() as u64;
+        if let Err(e) = reserve(&file.file, 0, len) {
+            let _ = fs::remove_file(&file.path);
+            return Err(e.into());
+        }
+        let write = Entry::Write {
+            file: conversation.as_str().to_owned(),
+            offset: 0,
+            bytes: file.bytes,
+        };
+        Ok(Blocked::Creating(PendingCreate {
+            header: file.header,
+            len,
+            path: file.path,
+            entry: with_entries(write, with),
+            message,
+        }))
+    }
+
+    /// Waits for a new conversation's first bytes to be durable, then opens it; on failure
+    /// removes its file, as `create` does.
+    async fn finish_create(
+        &self,
+        slot: &mut Option<OpenConversation>,
+        created: PendingCreate,
+    ) -> Result<Appended, StoreError> {
+        if let Err(e) = self.journal.commit_async(created.entry).await {
+            let _ = fs::remove_file(&created.path);
+            return Err(e.into());
+        }
+        let message = created.message;
+        *slot = Some(self.opened(created.header, created.len, vec![message.clone()]));
+        Ok(Appended {
+            message,
+            existed: false,
+        })
     }
 
     /// See `append_awaiting`: the usual append, up to handing its line to the journal.
@@ -758,15 +866,10 @@ impl Inner {
             offset,
             bytes: line,
         };
-        let entry = if with.is_empty() {
-            write
-        } else {
-            Entry::Group([vec![write], with].concat())
-        };
         Prepared::Line(PendingLine {
             message,
             file,
-            entry,
+            entry: with_entries(write, with),
             added,
         })
     }
@@ -898,6 +1001,17 @@ impl Inner {
         messages: Vec<Message>,
         with: Vec<Entry>,
     ) -> Result<OpenConversation, StoreError> {
+        let file = self.new_file(owner, conversation, &messages)?;
+        self.fill(conversation, file, messages, with)
+    }
+
+    /// A new conversation's file, created empty, with the bytes that are to fill it.
+    fn new_file(
+        &self,
+        owner: &Owner,
+        conversation: &ConversationId,
+        messages: &[Message],
+    ) -> Result<NewFile, StoreError> {
         let header = Header {
             conversation_id: conversation.clone(),
             tenant: owner.tenant.clone(),
@@ -906,10 +1020,9 @@ impl Inner {
             incarnation: Some(uuid::Uuid::now_v7().simple().to_string()),
         };
         let mut bytes = encode(&Record::Conversation(header.clone()))?;
-        for message in &messages {
+        for message in messages {
             bytes.extend(encode(&Record::Message(message.clone()))?);
         }
-
         let path = self.path(conversation);
         let file = OpenOptions::new()
             .read(true)
@@ -917,11 +1030,33 @@ impl Inner {
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
-        let len = bytes.len() as u64;
-        if let Err(e) = self.write_durably(conversation, &file, 0, bytes, with) {
-            let _ = fs::remove_file(&path);
+        Ok(NewFile {
+            header,
+            bytes,
+            path,
+            file,
+        })
+    }
+
+    /// Writes a new file's bytes durably and opens the conversation; on failure removes it.
+    fn fill(
+        &self,
+        conversation: &ConversationId,
+        new: NewFile,
+        messages: Vec<Message>,
+        with: Vec<Entry>,
+    ) -> Result<OpenConversation, StoreError> {
+        let len = new.bytes.len() as u64;
+        if let Err(e) = self.write_durably(conversation, &new.file, 0, new.bytes, with) {
+            let _ = fs::remove_file(&new.path);
             return Err(e.into());
         }
+        Ok(self.opened(new.header, len, messages))
+    }
+
+    /// A conversation just written whole: `len` bytes, `messages` (seq 1, 2, ...) after its
+    /// header.
+    fn opened(&self, header: Header, len: u64, messages: Vec<Message>) -> OpenConversation {
         let mut open = OpenConversation {
             header,
             len,
@@ -934,7 +1069,7 @@ impl Inner {
         for message in messages {
             open.remember(message, self.keep_recent);
         }
-        Ok(open)
+        open
     }
 
     /// The stored copy of message `id`, if the open conversation holds it.
@@ -1306,6 +1441,15 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Makes room for `len` bytes at `offset` in `file` without changing its size, so that
 /// writing them later cannot meet a full disk. Where the filesystem cannot (no `fallocate`),
 /// the write itself will tell.
+/// `write`, with `with` in the same record when there is any (see `Inner::write_durably`).
+fn with_entries(write: Entry, with: Vec<Entry>) -> Entry {
+    if with.is_empty() {
+        write
+    } else {
+        Entry::Group([vec![write], with].concat())
+    }
+}
+
 /// A reply's line of the cost ledger, when it is `priced`: to be durable with the reply.
 fn ledger_lines(
     conversation: &ConversationId,
