@@ -615,24 +615,17 @@ impl Inner {
         with: Vec<Entry>,
     ) -> io::Result<()> {
         reserve(file, offset, bytes.len() as u64)?;
-        let name = conversation.as_str();
         let piece = self.room_for_one_entry(conversation, &with);
         let pieces = bytes.len().div_ceil(piece);
         let mut with = Some(with);
         for (i, chunk) in bytes.chunks(piece).enumerate() {
-            let write = Entry::Write {
-                file: name.to_owned(),
-                offset: offset + (i * piece) as u64,
-                bytes: chunk.to_vec(),
-            };
-            let entry = match with.take_if(|with| i + 1 == pieces && !with.is_empty()) {
-                Some(mut with) => {
-                    with.insert(0, write);
-                    Entry::Group(with)
-                }
-                None => write,
-            };
-            self.journal.commit(entry)?;
+            let last = i + 1 == pieces;
+            self.journal.commit(journal_write(
+                conversation,
+                offset + (i * piece) as u64,
+                chunk.to_vec(),
+                with.take_if(|_| last).unwrap_or_default(),
+            ))?;
         }
         Ok(())
     }
@@ -777,16 +770,11 @@ impl Inner {
             let _ = fs::remove_file(&file.path);
             return Err(e.into());
         }
-        let write = Entry::Write {
-            file: conversation.as_str().to_owned(),
-            offset: 0,
-            bytes: file.bytes,
-        };
         Ok(Blocked::Creating(PendingCreate {
             header: file.header,
             len,
             path: file.path,
-            entry: with_entries(write, with),
+            entry: journal_write(conversation, 0, file.bytes, with),
             message,
         }))
     }
@@ -861,15 +849,10 @@ impl Inner {
             }
         };
         let added = line.len() as u64;
-        let write = Entry::Write {
-            file: conversation.as_str().to_owned(),
-            offset,
-            bytes: line,
-        };
         Prepared::Line(PendingLine {
             message,
             file,
-            entry: with_entries(write, with),
+            entry: journal_write(conversation, offset, line, with),
             added,
         })
     }
@@ -1441,8 +1424,19 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Makes room for `len` bytes at `offset` in `file` without changing its size, so that
 /// writing them later cannot meet a full disk. Where the filesystem cannot (no `fallocate`),
 /// the write itself will tell.
-/// `write`, with `with` in the same record when there is any (see `Inner::write_durably`).
-fn with_entries(write: Entry, with: Vec<Entry>) -> Entry {
+/// The journal entry that puts `bytes` at `offset` in the conversation's file, with `with` in
+/// the same record when there is any (see `Inner::write_durably`).
+fn journal_write(
+    conversation: &ConversationId,
+    offset: u64,
+    bytes: Vec<u8>,
+    with: Vec<Entry>,
+) -> Entry {
+    let write = Entry::Write {
+        file: conversation.as_str().to_owned(),
+        offset,
+        bytes,
+    };
     if with.is_empty() {
         write
     } else {
