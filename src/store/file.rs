@@ -24,6 +24,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::deletions::{Deletion, Deletions};
+use super::id_index::IdIndex;
 use super::journal::{self, Entry, Files, Journal};
 use super::{Appended, ConversationStore, ConversationSummary, Owner, Priced, StoreError};
 use crate::domain::{ConversationId, Message, NewMessage, UserId, next_created_at};
@@ -117,12 +118,14 @@ struct OpenConversation {
     /// Bytes of whole records; a failed write is cut back to this.
     len: u64,
     next_seq: i64,
-    /// Every message's seq, by id: a message stored again is found instead of stored twice.
-    ids: HashMap<String, i64>,
+    /// Where each message id is: a message stored again is found instead of stored twice.
+    ids: IdIndex,
     /// The newest message's time: the conversation's clock (see `next_created_at`).
     last_created_at: Option<DateTime<Utc>>,
     /// The newest messages in seq order (at most `keep_recent`).
     recent: VecDeque<Message>,
+    /// Whether older messages than `recent` holds are in the file.
+    evicted: bool,
     /// Whether a later line replaces an earlier message (sync's): reading must then go on to
     /// the end of the file.
     replaced: bool,
@@ -813,7 +816,11 @@ impl Inner {
         if !open.header.is_owned_by(owner) {
             return Prepared::Done(Err(StoreError::NotFound));
         }
-        if new.id.as_ref().is_some_and(|id| open.ids.contains_key(id)) {
+        if new
+            .id
+            .as_ref()
+            .is_some_and(|id| open.ids.candidates(id).next().is_some())
+        {
             return Prepared::Elsewhere(Elsewhere::Message(new));
         }
         let message = new.into_message(open.next_seq, next_created_at(open.last_created_at));
@@ -1044,9 +1051,10 @@ impl Inner {
             header,
             len,
             next_seq: 1,
-            ids: HashMap::new(),
+            ids: IdIndex::default(),
             last_created_at: None,
             recent: VecDeque::new(),
+            evicted: false,
             replaced: false,
         };
         for message in messages {
@@ -1062,14 +1070,20 @@ impl Inner {
         open: &OpenConversation,
         id: &str,
     ) -> Result<Option<Message>, StoreError> {
-        let Some(&seq) = open.ids.get(id) else {
+        let candidates: Vec<i64> = open.ids.candidates(id).collect();
+        if candidates.is_empty() {
             return Ok(None);
-        };
-        if let Some(cached) = open.recent.iter().find(|m| m.seq == seq) {
+        }
+        let holds_id = |m: &Message| m.id == id && candidates.contains(&m.seq);
+        if let Some(cached) = open.recent.iter().find(|m| holds_id(m)) {
             return Ok(Some(cached.clone()));
         }
         let all = read_all(&self.path(conversation), open.len)?;
-        Ok(all.get(&seq).cloned())
+        Ok(candidates
+            .iter()
+            .filter_map(|seq| all.get(seq))
+            .find(|m| holds_id(m))
+            .cloned())
     }
 
     fn find(
@@ -1135,21 +1149,22 @@ impl Inner {
             let mut next_seq = open.next_seq;
             let mut batch_ids = HashMap::new();
             for mut message in incoming {
-                let known = match batch_ids.get(&message.id) {
-                    Some(&seq) => Some(seq),
-                    None => open.ids.get(&message.id).copied(),
+                let (known, here) = match batch_ids.get(&message.id) {
+                    Some(&seq) => (Some(seq), None),
+                    None => match self.stored(conversation, open, &message.id)? {
+                        Some(here) => (Some(here.seq), Some(here)),
+                        None => (None, None),
+                    },
                 };
                 match known {
                     Some(seq) => {
+                        // Brought earlier in this batch, else as the file has it.
                         let current = stored
                             .iter()
                             .rev()
                             .find(|m: &&Message| m.seq == seq)
                             .cloned()
-                            .map_or_else(
-                                || self.stored(conversation, open, &message.id),
-                                |m| Ok(Some(m)),
-                            )?;
+                            .or(here);
                         if current.is_some_and(|c| c.same_contents(&message)) {
                             applied.duplicates += 1;
                             continue;
@@ -1378,8 +1393,7 @@ impl OpenConversation {
     /// The last `limit` messages, if the cache holds them (or the whole conversation).
     fn cached_recent(&self, limit: usize) -> Option<Vec<Message>> {
         let in_memory = self.recent.len();
-        let everything_cached = in_memory == self.ids.len();
-        (limit <= in_memory || everything_cached).then(|| {
+        (limit <= in_memory || !self.evicted).then(|| {
             let skip = in_memory.saturating_sub(limit);
             self.recent.iter().skip(skip).cloned().collect()
         })
@@ -1391,16 +1405,16 @@ impl OpenConversation {
         // Saturating: a damaged or hand-edited file may hold any seq at all.
         self.next_seq = self.next_seq.max(message.seq.saturating_add(1));
         self.last_created_at = self.last_created_at.max(Some(message.created_at));
-        if self.ids.get(&message.id) == Some(&message.seq) {
+        if self.ids.holds(&message.id, message.seq) {
             self.replaced = true;
             if let Some(cached) = self.recent.iter_mut().find(|m| m.seq == message.seq) {
                 *cached = message;
             }
             return;
         }
-        self.ids.insert(message.id.clone(), message.seq);
+        self.ids.insert(&message.id, message.seq);
         if self.recent.len() == keep {
-            self.recent.pop_front();
+            self.evicted |= self.recent.pop_front().is_some();
         }
         self.recent.push_back(message);
     }
@@ -1764,9 +1778,10 @@ fn load(path: &Path, keep_recent: usize) -> Result<Option<OpenConversation>, Sto
         header,
         len,
         next_seq: 1,
-        ids: HashMap::new(),
+        ids: IdIndex::default(),
         last_created_at: None,
         recent: VecDeque::with_capacity(keep_recent),
+        evicted: false,
         replaced: false,
     };
     for message in messages {
@@ -2168,6 +2183,68 @@ mod tests {
             store.find(&owner(), &conv, "msg_fixed").await.unwrap(),
             Some(first.message)
         );
+    }
+
+    /// Ids are kept as fingerprints: where two share one, each is still found at its own
+    /// seq, and an id never stored is still new (here every id shares one).
+    #[tokio::test]
+    #[allow(
+        clippy::await_holding_lock,
+        reason = "the test's own runtime has one thread; the lock only orders tests"
+    )]
+    async fn ids_sharing_a_fingerprint_are_each_found_and_a_new_one_is_stored() {
+        let _all = super::super::id_index::collisions::everywhere();
+        let (_data, conversations, journal) = folders();
+        let conv = id("conv_shared");
+        let with_id = |n: usize| say(&format!("m{n}")).with_id(Some(format!("msg_{n}")));
+        let store = FileStore::open(&conversations, &journal, 2).unwrap();
+        let mut first = Vec::new();
+        for n in 1..=5 {
+            let appended = store
+                .append_once(&owner(), &conv, with_id(n))
+                .await
+                .unwrap();
+            assert!(!appended.existed);
+            first.push(appended.message);
+        }
+        let later = first[4].created_at + chrono::Duration::seconds(1);
+        let applied = store
+            .apply_remote(
+                &owner(),
+                &conv,
+                vec![
+                    first[1].clone(),
+                    remote("msg_new", "from the cloud", later),
+                    remote("msg_4", "the cloud's copy", later),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!((applied.added, applied.duplicates), (1, 1));
+        assert_eq!(applied.replaced, 1);
+        first[3] = store.find(&owner(), &conv, "msg_4").await.unwrap().unwrap();
+        assert_eq!((first[3].seq, &*first[3].content), (4, "the cloud's copy"));
+        drop(store);
+
+        // Read back from disk too, where only the last two are in memory.
+        let store = FileStore::open(&conversations, &journal, 2).unwrap();
+        for (n, message) in (1..=5).zip(&first) {
+            let again = store
+                .append_once(&owner(), &conv, with_id(n))
+                .await
+                .unwrap();
+            assert!(again.existed);
+            assert_eq!(&again.message, message);
+            let found = store.find(&owner(), &conv, &format!("msg_{n}")).await;
+            assert_eq!(found.unwrap().as_ref(), Some(message));
+        }
+        assert_eq!(store.find(&owner(), &conv, "msg_9").await.unwrap(), None);
+        let fresh = store
+            .append_once(&owner(), &conv, with_id(9))
+            .await
+            .unwrap();
+        assert_eq!((fresh.existed, fresh.message.seq), (false, 7));
+        assert_eq!(contents(&store, "conv_shared").await.len(), 7);
     }
 
     /// Thousands of turns in flight each wait for the journal's flush: an append to an open

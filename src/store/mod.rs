@@ -5,6 +5,7 @@ pub mod deletions;
 mod file;
 #[cfg(fuzzing)]
 pub(crate) mod fuzzing;
+mod id_index;
 mod journal;
 mod measured;
 mod postgres;
