@@ -1,6 +1,8 @@
 //! The cloud database: connecting with errors a person can act on, applying migrations, and
 //! `Db`, the handle the service queries through (directly, or via a transaction pooler).
 
+use std::cell::Cell;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
@@ -79,23 +81,77 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 ///   transactions of any client left on that session (sqlx names the statements of explicit
 ///   transactions and of its own type look-ups; its cache is off, so nothing it remembers
 ///   goes stale).
+///
+/// Each HTTP worker thread may have a pool of its own (`with_worker_pools`): a connection's
+/// socket belongs to the runtime that opened it, and one used from another runtime (another
+/// worker, or the start-up runtime) wakes that runtime's thread for every reply it gets.
 #[derive(Debug, Clone)]
 pub struct Db {
     pool: PgPool,
+    /// By worker index (see `enter_worker`); empty when all threads share `pool`.
+    workers: Arc<[PgPool]>,
     mode: PoolMode,
+}
+
+thread_local! {
+    /// The HTTP worker this thread runs, if it runs one.
+    static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Marks the current thread as HTTP worker `index`: its queries go to that worker's pool.
+pub fn enter_worker(index: usize) {
+    WORKER.with(|worker| worker.set(Some(index)));
+}
+
+/// How `max_connections` splits: a share for each of `workers` threads (at least
+/// `MIN_PER_WORKER`, else all share one pool) and the rest for start-up and background work
+/// (the key change feed holds one for good).
+const SHARED_CONNECTIONS: u32 = 2;
+const MIN_PER_WORKER: u32 = 2;
+
+/// The connections each worker's pool may open, and those left for the shared pool; `None`
+/// when the budget is too small to split.
+pub fn split_connections(max_connections: u32, workers: usize) -> Option<(u32, u32)> {
+    let workers = u32::try_from(workers).ok().filter(|&n| n > 0)?;
+    let each = max_connections.checked_sub(SHARED_CONNECTIONS)? / workers;
+    (each >= MIN_PER_WORKER).then(|| (each, max_connections - each * workers))
 }
 
 impl Db {
     pub fn new(pool: PgPool, mode: PoolMode) -> Self {
-        Self { pool, mode }
+        Self {
+            pool,
+            workers: Arc::from([]),
+            mode,
+        }
     }
 
+    /// Gives each of `workers` HTTP workers a pool of `each` connections to the same database
+    /// as the shared pool. They connect lazily: on the worker, when it first queries.
+    pub fn with_worker_pools(mut self, workers: usize, each: u32) -> Self {
+        let options = self.pool.connect_options();
+        self.workers = (0..workers)
+            .map(|_| {
+                self.pool
+                    .options()
+                    .clone()
+                    .max_connections(each)
+                    .connect_lazy_with((*options).clone())
+            })
+            .collect();
+        self
+    }
+
+    /// The current thread's pool.
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        WORKER
+            .with(Cell::get)
+            .and_then(|index| self.workers.get(index))
+            .unwrap_or(&self.pool)
     }
 
     pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-        begin(&self.pool, self.mode).await
+        begin(self.pool(), self.mode).await
     }
 }
 
@@ -149,9 +205,9 @@ impl<'c> Executor<'c> for &'c Db {
         E: 'q + Execute<'q, Postgres>,
     {
         if self.mode == PoolMode::Session {
-            return (&self.pool).fetch_many(query);
+            return self.pool().fetch_many(query);
         }
-        let pool = self.pool.clone();
+        let pool = self.pool().clone();
         // Collected, then committed, then handed out: a write is durable when this returns.
         stream::once(async move {
             let mut tx = begin(&pool, PoolMode::Transaction).await?;
@@ -172,9 +228,9 @@ impl<'c> Executor<'c> for &'c Db {
         E: 'q + Execute<'q, Postgres>,
     {
         if self.mode == PoolMode::Session {
-            return (&self.pool).fetch_optional(query);
+            return self.pool().fetch_optional(query);
         }
-        let pool = self.pool.clone();
+        let pool = self.pool().clone();
         Box::pin(async move {
             let mut tx = begin(&pool, PoolMode::Transaction).await?;
             let row = (&mut *tx).fetch_optional(Unnamed(query)).await?;
@@ -191,7 +247,7 @@ impl<'c> Executor<'c> for &'c Db {
     where
         'c: 'e,
     {
-        (&self.pool).prepare_with(sql, parameters)
+        self.pool().prepare_with(sql, parameters)
     }
 
     fn describe<'e, 'q: 'e>(
@@ -201,6 +257,61 @@ impl<'c> Executor<'c> for &'c Db {
     where
         'c: 'e,
     {
-        (&self.pool).describe(sql)
+        self.pool().describe(sql)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_splits_into_worker_shares_of_two_or_more_and_the_rest_is_shared() {
+        for (max, workers, split) in [
+            (10, 2, Some((4, 2))),
+            (11, 2, Some((4, 3))),
+            (10, 4, Some((2, 2))),
+            (10, 5, None),
+            (4, 1, Some((2, 2))),
+            (3, 1, None),
+            (1, 2, None),
+            (10, 0, None),
+        ] {
+            assert_eq!(
+                split_connections(max, workers),
+                split,
+                "{max} over {workers}"
+            );
+            if let Some((each, shared)) = split {
+                assert_eq!(each * workers as u32 + shared, max);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_worker_thread_queries_through_its_own_pool_and_other_threads_share_one() {
+        // Lazy pools: nothing connects, so no database is needed.
+        let options: PgConnectOptions = "postgres://nobody@127.0.0.1:1/none".parse().unwrap();
+        let shared = PgPoolOptions::new()
+            .max_connections(2)
+            .connect_lazy_with(options);
+        let db = Db::new(shared, PoolMode::Session).with_worker_pools(2, 3);
+        assert!(std::ptr::eq(db.pool(), &db.pool));
+        let on_worker = |index| {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                enter_worker(index);
+                let pool = db.pool();
+                (
+                    std::ptr::eq(pool, &db.workers[index]),
+                    pool.options().get_max_connections(),
+                )
+            })
+            .join()
+            .unwrap()
+        };
+        assert_eq!(on_worker(0), (true, 3));
+        assert_eq!(on_worker(1), (true, 3));
+        assert!(!std::ptr::eq(&db.workers[0], &db.workers[1]));
     }
 }

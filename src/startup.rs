@@ -4,9 +4,10 @@
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use actix_web::dev::{Server, ServerHandle};
@@ -174,10 +175,11 @@ impl Application {
 
     async fn build_cloud(settings: Settings) -> anyhow::Result<Self> {
         let mode = settings.replicas.db_pool_mode;
+        let split = db::split_connections(settings.db_max_connections, http_workers());
         let pool = db::connect_in(
             "DATABASE_URL",
             settings.require_database_url()?,
-            settings.db_max_connections,
+            split.map_or(settings.db_max_connections, |(_, shared)| shared),
             mode,
         )
         .await?;
@@ -194,7 +196,10 @@ impl Application {
             let id = repository::ensure_bootstrap(&direct, key).await?;
             tracing::info!(key.id = %id, tenant.id = repository::DEFAULT_TENANT, "MAESTRA_API_KEY is a valid key");
         }
-        let db = Db::new(pool.clone(), mode);
+        let mut db = Db::new(pool.clone(), mode);
+        if let Some((each, _)) = split {
+            db = db.with_worker_pools(http_workers(), each);
+        }
 
         let metrics = Arc::new(Metrics::new(settings.mode.as_str())?);
         let authenticator = Arc::new(
@@ -376,7 +381,11 @@ fn serve(
     let metrics = web::Data::from(metrics);
     let gate = cloud.is_some();
     let cloud = cloud.map(|(auth, limiter)| (web::Data::from(auth), web::Data::from(limiter)));
+    let workers = http_workers();
+    let started = Arc::new(AtomicUsize::new(0));
     let server = HttpServer::new(move || {
+        // Called on each worker's thread as it starts (again if it restarts).
+        db::enter_worker(started.fetch_add(1, Ordering::Relaxed) % workers);
         let mut app = App::new()
             .app_data(state.clone())
             .app_data(metrics.clone())
@@ -405,6 +414,7 @@ fn serve(
         // A client has this long to send its request head (slowloris headers are cut off).
         api::head_deadline::watch(connection, data, CLIENT_REQUEST_TIMEOUT);
     })
+    .workers(workers)
     .shutdown_timeout(REQUEST_GRACE_SECONDS)
     // A backstop only: this timer's 408 has no body (head_deadline's has the JSON envelope).
     .client_request_timeout(CLIENT_REQUEST_TIMEOUT * 2)
@@ -413,6 +423,13 @@ fn serve(
     .listen(listener)?
     .run();
     Ok(server)
+}
+
+/// actix-web's default: one HTTP worker thread per CPU the process may use (at most 512).
+fn http_workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, NonZeroUsize::get)
+        .min(512)
 }
 
 /// Takes the data folder's lock, or says which server already holds it.
