@@ -762,11 +762,8 @@ impl Inner {
         let with = ledger_lines(conversation, &message, priced)?;
         let file = self.new_file(owner, conversation, std::slice::from_ref(&message))?;
         if file.bytes.len() > self.room_for_one_entry(conversation, &with) {
-            *slot = Some(self.fill(conversation, file, vec![message.clone()], with)?);
-            return Ok(Blocked::Appended(Appended {
-                message,
-                existed: false,
-            }));
+            *slot = Some(self.fill(conversation, file, Vec::new(), with)?);
+            return Ok(Blocked::Appended(self.remembered(slot, message)));
         }
         let len = file.bytes.len() as u64;
         if let Err(e) = reserve(&file.file, 0, len) {
@@ -793,12 +790,8 @@ impl Inner {
             let _ = fs::remove_file(&created.path);
             return Err(e.into());
         }
-        let message = created.message;
-        *slot = Some(self.opened(created.header, created.len, vec![message.clone()]));
-        Ok(Appended {
-            message,
-            existed: false,
-        })
+        *slot = Some(self.opened(created.header, created.len, Vec::new()));
+        Ok(self.remembered(slot, created.message))
     }
 
     /// See `append_awaiting`: the usual append, up to handing its line to the journal.
